@@ -1,0 +1,116 @@
+"""The ``spu`` command: inspect presets, solve systems, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+import driver
+
+from .errors import SpuError
+
+
+def _info(args: argparse.Namespace) -> int:
+    with driver.open(args.preset, seed=0) as dev:
+        info = dev.info
+        rail = f"+-{info.rail_v:g} V" if info.rail_v is not None else "off"
+        print(f"{info.name}: {info.spec['description']}")
+        rows = [
+            ("cells", f"{info.cells} ({info.cell_kind})"),
+            ("tau", f"{info.tau_s:.3g} s"),
+            ("max run time", f"{info.max_run_time:g} tau"),
+            ("element codes", _bits(info.element_bits) + f", full scale {info.g_max:g} g0"),
+            ("DAC", _bits(info.dac_bits) + f", +-{info.dac_range_v:g} V"),
+            ("ADC", _bits(info.adc_bits) + f", +-{info.adc_range_v:g} V, {info.sample_rate:g} samples/tau"),
+            ("noise kappa0", f"{info.kappa0:g} V^2"),
+            ("rails", rail),
+            ("link", f"{info.link_rate_gbps:g} Gbit/s"),
+        ]
+        for key, value in rows:
+            print(f"  {key:<14} {value}")
+    return 0
+
+
+def _bits(bits: int) -> str:
+    return f"{bits} bits" if bits else "continuous"
+
+
+def _solve(args: argparse.Namespace) -> int:
+    A = np.load(args.matrix)
+    b = np.load(args.vector)
+    with driver.open(args.preset, seed=args.seed) as dev:
+        x, report = driver.linalg.solve(dev, A, b, t=args.t, return_report=True)
+    np.set_printoptions(precision=6, suppress=False)
+    print(x)
+    print(f"# analog time {report.analog_time:g} tau ({report.seconds:.3g} s), {report.samples} samples")
+    if args.out:
+        np.save(args.out, x)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    rng = np.random.default_rng(args.seed)
+    n = args.n
+    # a random symmetric positive definite system with condition number args.cond
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    A = q @ np.diag(np.geomspace(1.0, args.cond, n)) @ q.T
+    b = rng.standard_normal(n)
+    reference = np.linalg.solve(A, b)
+    with driver.open(args.preset, seed=args.seed) as dev:
+        started = time.perf_counter()
+        x, report = driver.linalg.solve(dev, A, b, t=args.t, return_report=True)
+        wall = time.perf_counter() - started
+        name, cells = dev.info.name, dev.info.cells
+    error = np.linalg.norm(x - reference) / np.linalg.norm(reference)
+    print(f"Solving a random {n}x{n} SPD system (condition number {args.cond:g}) on {name} ({cells} cells)")
+    print(f"{'i':>3} {'SPU':>12} {'numpy':>12}")
+    for i in range(n):
+        print(f"{i:>3} {x[i]:>12.6f} {reference[i]:>12.6f}")
+    print(f"relative error  {error:.3e}")
+    print(f"analog time     {report.analog_time:g} tau = {report.seconds * 1e3:.3g} ms on the device")
+    print(f"wall time       {wall:.3f} s (emulator, {report.engine} engine, {report.steps} steps)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spu", description="Stochastic processing unit emulator")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="describe a device preset or spec file")
+    info.add_argument("preset", help="preset name (ideal, spu-8, tngd-sim) or YAML path")
+    info.set_defaults(func=_info)
+
+    solve = sub.add_parser("solve", help="solve A x = b on an emulated device")
+    solve.add_argument("preset", help="preset name or YAML path")
+    solve.add_argument("--matrix", required=True, help=".npy file with A (n, n), symmetric positive definite")
+    solve.add_argument("--vector", required=True, help=".npy file with b (n,)")
+    solve.add_argument("--t", type=float, default=200.0, help="analog run time in tau (default 200)")
+    solve.add_argument("--seed", type=int, default=0, help="device seed (default 0)")
+    solve.add_argument("--out", help="save x to this .npy file")
+    solve.set_defaults(func=_solve)
+
+    demo = sub.add_parser("demo", help="solve a random well-conditioned system and compare with numpy")
+    demo.add_argument("--preset", default="spu-8", help="device (default spu-8)")
+    demo.add_argument("--n", type=int, default=8, help="system size (default 8)")
+    demo.add_argument("--cond", type=float, default=5.0, help="condition number (default 5)")
+    demo.add_argument("--t", type=float, default=200.0, help="analog run time in tau (default 200)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the system and the device (default 0)")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (SpuError, OSError, ValueError) as exc:
+        print(f"spu {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Host-side conversion between analog values and the integer codes on the wire.
+
+A signed b-bit converter (sign included) has code_max = 2^(b-1) - 1 and maps
+code k to k / code_max * full_scale.  b = 0 is a continuous part: the value is
+sent as float64.  Cost O(size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Quantised", "code_max", "to_codes", "from_codes"]
+
+
+def code_max(bits: int) -> int:
+    """Largest code of a signed b-bit converter; 0 for a continuous part."""
+    return (1 << (bits - 1)) - 1 if bits > 0 else 0
+
+
+@dataclass(frozen=True)
+class Quantised:
+    """Codes for an array of analog values, with what the conversion lost.
+
+    clipped: values beyond full scale (set to +-full scale); zeroed: non-zero
+    values that became code 0; max_error: largest |value - converted value| as a
+    fraction of full scale.
+    """
+
+    codes: np.ndarray
+    clipped: int
+    zeroed: int
+    max_error: float
+
+
+def to_codes(values: np.ndarray, bits: int, full_scale: float) -> Quantised:
+    """Convert analog values (same unit as full_scale) to converter codes."""
+    fraction = values / full_scale
+    clipped = int(np.count_nonzero(np.abs(fraction) > 1.0))
+    fraction = np.clip(fraction, -1.0, 1.0)
+    if bits == 0:
+        codes = fraction * full_scale
+        error = np.abs(values / full_scale - fraction)
+        return Quantised(codes, clipped, 0, float(error.max(initial=0.0)))
+    top = code_max(bits)
+    codes = np.rint(fraction * top).astype(np.int64)
+    zeroed = int(np.count_nonzero((codes == 0) & (values != 0)))
+    error = np.abs(values / full_scale - codes / top)
+    return Quantised(codes, clipped, zeroed, float(error.max(initial=0.0)))
+
+
+def from_codes(codes: np.ndarray, bits: int, full_scale: float) -> np.ndarray:
+    """Analog values of converter codes (float64; codes may be averages)."""
+    codes = np.asarray(codes, dtype=np.float64)
+    if bits == 0:
+        return codes.copy()
+    return codes * (full_scale / code_max(bits))

@@ -1,0 +1,68 @@
+"""One exception hierarchy for everything the driver raises.
+
+    SpuError
+    +-- InvalidInputError (also ValueError): bad arrays, shapes, ranges, specs
+    |   +-- SpecError: a device spec that cannot be loaded
+    +-- DeviceStateError (also RuntimeError): the call is not allowed now
+    |   +-- DeviceClosedError: any call after close()
+    +-- DeviceBusyError: another host holds the device
+    +-- SaturationError (also RuntimeError): the array hit a rail or ran away
+    +-- ProtocolError: the device answered something the driver cannot read
+
+Every message says what was wrong, the value seen, and what to do.  A call
+that raises has changed nothing on the device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "SpuError",
+    "InvalidInputError",
+    "SpecError",
+    "DeviceStateError",
+    "DeviceClosedError",
+    "DeviceBusyError",
+    "SaturationError",
+    "ProtocolError",
+]
+
+
+class SpuError(Exception):
+    """Base class of every error the SPU driver raises."""
+
+
+class InvalidInputError(SpuError, ValueError):
+    """An argument is wrong: shape, dtype, NaN/inf, symmetry, range."""
+
+
+class SpecError(InvalidInputError):
+    """A device spec could not be loaded; the message names the file, field and value."""
+
+
+class DeviceStateError(SpuError, RuntimeError):
+    """The call is not allowed in the device's present state (e.g. read before run)."""
+
+
+class DeviceClosedError(DeviceStateError):
+    """The device was closed; open a new one."""
+
+
+class DeviceBusyError(SpuError):
+    """The device is held by another host."""
+
+
+class SaturationError(SpuError, RuntimeError):
+    """The cell array hit a rail or ran away during a run; the run was discarded.
+
+    ``report`` holds the device's account of the discarded run (steps, samples, ...).
+    """
+
+    def __init__(self, message: str, report: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.report = report or {}
+
+
+class ProtocolError(SpuError):
+    """The device's answer could not be understood."""

@@ -1,0 +1,19 @@
+"""Integer codes of the command set, read from ``firmware_spec/protocol.yaml`` (host side)."""
+
+from __future__ import annotations
+
+from enum import IntEnum, IntFlag
+from importlib.resources import files
+
+import yaml
+
+__all__ = ["PROTOCOL_VERSION", "Opcode", "Status", "Engine", "OnSaturation", "StatusBit"]
+
+_doc = yaml.safe_load(files("firmware_spec").joinpath("protocol.yaml").read_text())
+
+PROTOCOL_VERSION: int = _doc["protocol_version"]
+Opcode = IntEnum("Opcode", _doc["opcodes"])
+Status = IntEnum("Status", _doc["status"])
+Engine = IntEnum("Engine", _doc["engines"])
+OnSaturation = IntEnum("OnSaturation", _doc["on_saturation"])
+StatusBit = IntFlag("StatusBit", _doc["status_bits"])

@@ -1,0 +1,274 @@
+"""Device specs: YAML files checked against ``firmware_spec/schema.yaml``.
+
+A spec is turned into a tree of frozen dataclasses (:class:`DeviceSpec`).  The
+schema is the single description of every field (unit, range, default); the
+dataclasses mirror it and a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from functools import cache
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "SpecError",
+    "DeviceSpec",
+    "load_spec",
+    "spec_from_mapping",
+    "preset_names",
+    "schema",
+]
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-9`` and ``1.0e12`` as floats (YAML 1.2 style)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"""
+        r"""|[0-9][0-9_]*[eE][-+]?[0-9]+|\.inf|\.Inf|\.INF|\.nan|\.NaN|\.NAN)$"""
+    ),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML text, with exponent floats such as ``1e-9`` read as numbers."""
+    return yaml.load(text, Loader=_Loader)
+
+
+class SpecError(ValueError):
+    """A device spec could not be read: names the file, the field and the value."""
+
+
+@dataclass(frozen=True)
+class Cells:
+    count: int = 8
+    kind: str = "rc"
+
+
+@dataclass(frozen=True)
+class Timing:
+    r0_ohm: float = 1000.0
+    c0_farad: float = 1.0e-9
+    max_run_time: float = 1.0e6
+    link_rate_gbps: float = 1.0
+
+    @property
+    def tau_s(self) -> float:
+        """Unit of analog time in seconds, tau = R0 * C0."""
+        return self.r0_ohm * self.c0_farad
+
+
+@dataclass(frozen=True)
+class Coupling:
+    element_bits: int = 0
+    g_max: float = 1.0
+    mismatch: float = 0.0
+    input_conductance_mismatch: float = 0.0
+
+
+@dataclass(frozen=True)
+class Cell:
+    capacitance_mismatch: float = 0.0
+    opamp_offset_v: float = 0.0
+
+
+@dataclass(frozen=True)
+class Noise:
+    kappa0: float = 0.0
+    johnson: bool = False
+    temperature_k: float = 300.0
+
+
+@dataclass(frozen=True)
+class Dac:
+    bits: int = 0
+    range_v: float = 1.0
+    gain_error: float = 0.0
+    offset_v: float = 0.0
+
+
+@dataclass(frozen=True)
+class Adc:
+    bits: int = 0
+    range_v: float = 1.0
+    sample_rate: float = 1.0
+    gain_error: float = 0.0
+    offset_v: float = 0.0
+    noise_v: float = 0.0
+
+
+@dataclass(frozen=True)
+class Rails:
+    enabled: bool = False
+    v_rail: float = 1.25
+
+
+@dataclass(frozen=True)
+class Integrator:
+    step_factor: float = 0.02
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """A whole device spec; see ``firmware_spec/schema.yaml`` for every field."""
+
+    spec_version: int
+    name: str
+    description: str = ""
+    cells: Cells = field(default_factory=Cells)
+    timing: Timing = field(default_factory=Timing)
+    coupling: Coupling = field(default_factory=Coupling)
+    cell: Cell = field(default_factory=Cell)
+    noise: Noise = field(default_factory=Noise)
+    dac: Dac = field(default_factory=Dac)
+    adc: Adc = field(default_factory=Adc)
+    rails: Rails = field(default_factory=Rails)
+    integrator: Integrator = field(default_factory=Integrator)
+    source: str = field(default="<mapping>", compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as plain data (what INFO sends to the host)."""
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+
+_SECTIONS = {
+    "cells": Cells,
+    "timing": Timing,
+    "coupling": Coupling,
+    "cell": Cell,
+    "noise": Noise,
+    "dac": Dac,
+    "adc": Adc,
+    "rails": Rails,
+    "integrator": Integrator,
+}
+
+
+@cache
+def schema() -> dict[str, Any]:
+    """The parsed ``firmware_spec/schema.yaml``."""
+    return read_yaml(files("firmware_spec").joinpath("schema.yaml").read_text())
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped in ``firmware_spec/`` (``ideal``, ``spu-8``, ...)."""
+    names = []
+    for entry in files("firmware_spec").iterdir():
+        name = entry.name
+        if name.endswith(".yaml") and name not in ("schema.yaml", "protocol.yaml"):
+            names.append(name[: -len(".yaml")])
+    return sorted(names)
+
+
+def load_spec(name_or_path: str | Path) -> DeviceSpec:
+    """Load a preset by name (``"spu-8"``) or a spec from a YAML file path."""
+    text, source = _read(name_or_path)
+    try:
+        data = read_yaml(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{source}: not valid YAML: {exc}") from None
+    return spec_from_mapping(data, source=source)
+
+
+def _read(name_or_path: str | Path) -> tuple[str, str]:
+    text_name = str(name_or_path)
+    if text_name in preset_names():
+        entry = files("firmware_spec").joinpath(f"{text_name}.yaml")
+        return entry.read_text(), f"preset {text_name!r}"
+    path = Path(name_or_path)
+    if path.is_file():
+        return path.read_text(), str(path)
+    raise SpecError(
+        f"no preset or file named {text_name!r}; presets are {', '.join(preset_names())},"
+        " or pass the path of a YAML spec"
+    )
+
+
+def spec_from_mapping(data: Any, source: str = "<mapping>") -> DeviceSpec:
+    """Check ``data`` against the schema, fill defaults, and build a DeviceSpec."""
+    sch = schema()
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a spec must be a mapping, got {type(data).__name__}")
+    version = data.get("spec_version")
+    current = sch["x-current-version"]
+    if isinstance(version, int) and not isinstance(version, bool) and version > current:
+        raise SpecError(
+            f"{source}: spec_version {version} is newer than this emulator understands"
+            f" ({current}); upgrade spu-emulator or write the spec for version {current}"
+        )
+    values = _check_object(data, sch, source, "")
+    sections = {key: cls(**values[key]) for key, cls in _SECTIONS.items()}
+    top = {k: v for k, v in values.items() if k not in _SECTIONS}
+    return DeviceSpec(**top, **sections, source=source)
+
+
+def _check_object(data: dict, sch: dict, source: str, prefix: str) -> dict[str, Any]:
+    props = sch["properties"]
+    for key in data:
+        if key not in props:
+            raise SpecError(
+                f"{source}: unknown field {prefix}{key!r}; allowed here: {', '.join(props)}"
+            )
+    for key in sch.get("required", []):
+        if key not in data:
+            raise SpecError(f"{source}: missing required field {prefix}{key}")
+    out = {}
+    for key, sub in props.items():
+        where = f"{prefix}{key}"
+        value = data.get(key, sub.get("default"))
+        if sub["type"] == "object":
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                raise SpecError(f"{source}: field {where} must be a mapping, got {value!r}")
+            out[key] = _check_object(value, sub, source, where + ".")
+        else:
+            out[key] = _check_scalar(value, sub, source, where)
+    return out
+
+
+def _check_scalar(value: Any, sub: dict, source: str, where: str) -> Any:
+    kind = sub["type"]
+    unit = sub.get("x-unit", "-")
+    if kind == "integer":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SpecError(f"{source}: field {where} must be an integer, got {value!r}")
+    elif kind == "number":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SpecError(f"{source}: field {where} must be a number ({unit}), got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise SpecError(f"{source}: field {where} must be finite, got {value!r}")
+    elif kind == "boolean":
+        if not isinstance(value, bool):
+            raise SpecError(f"{source}: field {where} must be true or false, got {value!r}")
+    elif kind == "string":
+        if not isinstance(value, str):
+            raise SpecError(f"{source}: field {where} must be a string, got {value!r}")
+    if "enum" in sub and value not in sub["enum"]:
+        raise SpecError(
+            f"{source}: field {where} = {value!r} is not one of {', '.join(map(str, sub['enum']))}"
+        )
+    low, high = sub.get("minimum"), sub.get("maximum")
+    if low is not None and value < low:
+        raise SpecError(f"{source}: field {where} = {value!r} is below its minimum {low} ({unit})")
+    if high is not None and value > high:
+        raise SpecError(f"{source}: field {where} = {value!r} is above its maximum {high} ({unit})")
+    low = sub.get("exclusiveMinimum")
+    if low is not None and value <= low:
+        raise SpecError(f"{source}: field {where} = {value!r} must be greater than {low} ({unit})")
+    return value
