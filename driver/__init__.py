@@ -1,11 +1,11 @@
 """Host-side driver of a stochastic processing unit (SPU).
 
-    import driver
-    with driver.open("spu-8", seed=0) as dev:
-        dev.load_matrix(A)
-        dev.load_vector(b)
-        dev.run(t=100.0, burn_in=50.0)
-        x = dev.read_mean()          # ~ A^-1 b
+import driver
+with driver.open("spu-8", seed=0) as dev:
+    dev.load_matrix(A)
+    dev.load_vector(b)
+    dev.run(t=100.0, burn_in=50.0)
+    x = dev.read_mean()          # ~ A^-1 b
 """
 
 from __future__ import annotations

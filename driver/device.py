@@ -217,9 +217,7 @@ class Device:
         return _report(scale, q)
 
     # -- run and read-out --------------------------------------------------------
-    def run(
-        self, t: float, burn_in: float = 0.0, *, engine: str = "auto", on_saturation: str = "raise"
-    ) -> RunReport:
+    def run(self, t: float, burn_in: float = 0.0, *, engine: str = "auto", on_saturation: str = "raise") -> RunReport:
         """Let the array evolve for analog time t (tau); accumulate ADC samples after burn_in.
 
         The array follows C dV/dt = -a V + gin u + noise from its present state

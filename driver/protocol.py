@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from enum import IntEnum, IntFlag
-from importlib.resources import files
+from pathlib import Path
 
 import yaml
 
+# firmware_spec/ is installed beside the packages (and sits beside them in a checkout)
+SPEC_DIR = Path(__file__).resolve().parent.parent / "firmware_spec"
+
 __all__ = ["PROTOCOL_VERSION", "Opcode", "Status", "Engine", "OnSaturation", "StatusBit"]
 
-_doc = yaml.safe_load(files("firmware_spec").joinpath("protocol.yaml").read_text())
+_doc = yaml.safe_load((SPEC_DIR / "protocol.yaml").read_text())
 
 PROTOCOL_VERSION: int = _doc["protocol_version"]
 Opcode = IntEnum("Opcode", _doc["opcodes"])

@@ -29,7 +29,8 @@ class InProcessTransport:
 
     def __init__(self, spec: str | Path, seed: int | None = None):
         # the one place the driver touches the emulator: through its firmware entry point
-        from spu_emulator import Firmware, SpecError as DeviceSpecError, load_spec
+        from spu_emulator import Firmware, load_spec
+        from spu_emulator import SpecError as DeviceSpecError
 
         try:
             device_spec = load_spec(spec)

@@ -19,6 +19,7 @@ import numpy as np
 
 from . import _kernels
 from .converters import check_codes, code_max, dac_volts, element_conductances
+from .exact import LinearModel, prepare, propagate, window
 from .parts import NOISE_STREAM, draw_cell_parts, element_mismatch
 from .protocol import PROTOCOL_VERSION, Engine, OnSaturation, Opcode, Status, StatusBit
 from .spec import DeviceSpec
@@ -110,6 +111,7 @@ class Firmware:
         self._rng = np.random.Generator(np.random.PCG64(noise_seed))
         self._state = np.zeros(self.spec.cells.count)
         self._matrix: ProgrammedMatrix | None = None
+        self._linear: LinearModel | None = None
         self._vector_codes: np.ndarray | None = None
         self._force: np.ndarray | None = None
         self._acc: np.ndarray | None = None
@@ -152,6 +154,7 @@ class Firmware:
         if why:
             raise _Refused(Status.BAD_ARGUMENT, why)
         self._matrix = self._program(codes.copy())
+        self._linear = None
         self._flags |= StatusBit.MATRIX_LOADED
         if self._vector_codes is not None and self._vector_codes.shape[0] == n:
             self._force = self._drive(self._vector_codes)
@@ -220,15 +223,36 @@ class Firmware:
                 Status.BAD_STATE,
                 f"the matrix is {matrix.n}x{matrix.n} but the vector has {self._vector_codes.shape[0]} entries",
             )
+        if engine == Engine.transient or (engine == Engine.auto and not self._linear_is_safe(t)):
+            report, state, acc, samples = self._run_transient(t, burn_in, on_saturation)
+        else:
+            report, state, acc, samples = self._run_exact(t, burn_in)
+        self._state[: matrix.n] = state
+        self._acc = acc
+        self._samples = samples
+        self._runs += 1
+        self._flags |= StatusBit.HAS_RUN
+        self._flags &= ~(StatusBit.SATURATED | StatusBit.ADC_CLIPPED)
+        if report["saturated"]:
+            self._flags |= StatusBit.SATURATED
+        if report["adc_clipped"]:
+            self._flags |= StatusBit.ADC_CLIPPED
+        return report
+
+    def _adc_lsb(self) -> float:
+        adc = self.spec.adc
+        return adc.range_v / code_max(adc.bits) if adc.bits > 0 else 0.0
+
+    def _run_transient(self, t: float, burn_in: float, on_saturation: int):
+        matrix = self._matrix
         n = matrix.n
         period = 1.0 / self.spec.adc.sample_rate
         dt_max = self.spec.integrator.step_factor / matrix.drift_norm if matrix.drift_norm > 0 else period
         steps_per_sample = max(1, math.ceil(period / dt_max - 1e-9))
         dt = period / steps_per_sample
         n_steps = max(1, round(t / dt))
-        first_sample_step = (math.floor(burn_in / period + 1e-9) + 1) * steps_per_sample
+        first_sample_step = (window(t, burn_in, period)[0] + 1) * steps_per_sample
         adc = self.spec.adc
-        adc_lsb = adc.range_v / code_max(adc.bits) if adc.bits > 0 else 0.0
         rail = self.spec.rails.v_rail if self.spec.rails.enabled else 0.0
 
         state = self._state[:n].copy()
@@ -247,7 +271,7 @@ class Firmware:
             self.parts.adc_gain[:n],
             self.parts.adc_offset_v[:n],
             adc.noise_v,
-            adc_lsb,
+            self._adc_lsb(),
             float(code_max(adc.bits)),
             self._rng,
             acc,
@@ -276,17 +300,84 @@ class Firmware:
                     " or the solution is beyond the rails for this input"
                 )
             raise _Refused(Status.SATURATED, why + "; the run was discarded", **report)
-        self._state[:n] = state
-        self._acc = acc
-        self._samples = int(samples)
-        self._runs += 1
-        self._flags |= StatusBit.HAS_RUN
-        self._flags &= ~(StatusBit.SATURATED | StatusBit.ADC_CLIPPED)
-        if saturated:
-            self._flags |= StatusBit.SATURATED
-        if clipped:
-            self._flags |= StatusBit.ADC_CLIPPED
-        return report
+        return report, state, acc, int(samples)
+
+    def _linear_model(self) -> LinearModel:
+        if self._linear is None:
+            self._linear = prepare(self._matrix.drift, self._matrix.noise_sd)
+        return self._linear
+
+    def _linear_is_safe(self, t: float) -> bool:
+        """True when the exact engine is exact for a run of length t from the present state.
+
+        The array must be stable and contractive (so the mean path stays within
+        |V(0) - V*| of V*), every node must stay z standard deviations inside the
+        rails and the ADC's full scale, with z from a union bound over cells and
+        correlation times at probability 1e-9, and a quantised ADC must be
+        dithered by at least half an LSB of fresh noise per sample.
+        """
+        model = self._linear_model()
+        if not (model.stable and model.contractive):
+            return False
+        n = self._matrix.n
+        target = model.fixed_point(self._force)
+        reach = np.abs(target) + float(np.linalg.norm(self._state[:n] - target))
+        looks = 2.0 * n * (1.0 + t * model.rate_max)
+        z = max(6.0, math.sqrt(2.0 * math.log(looks / 1e-9)))
+        if self.spec.rails.enabled and np.any(reach + z * np.sqrt(model.stationary_var) >= self.spec.rails.v_rail):
+            return False
+        adc = self.spec.adc
+        if adc.bits > 0:
+            spread = np.sqrt(model.stationary_var + adc.noise_v**2)
+            seen = np.abs(self.parts.adc_gain[:n]) * (reach + z * spread) + np.abs(self.parts.adc_offset_v[:n])
+            if np.any(seen >= adc.range_v):
+                return False
+            fresh = model.fresh_var(1.0 / adc.sample_rate) + adc.noise_v**2
+            if np.any(np.sqrt(fresh) < 0.5 * self._adc_lsb()):
+                return False
+        return True
+
+    def _run_exact(self, t: float, burn_in: float):
+        model = self._linear_model()
+        if not model.stable:
+            raise _Refused(
+                Status.SATURATED,
+                "the drift is unstable (an eigenvalue of C^-1 a has a non-positive real part), so the array"
+                " would run away: the matrix is not positive definite; the run was not started",
+            )
+        n = self._matrix.n
+        adc = self.spec.adc
+        mean_v, final, count = propagate(
+            model,
+            self._state[:n],
+            model.fixed_point(self._force),
+            t,
+            burn_in,
+            1.0 / adc.sample_rate,
+            self._rng,
+        )
+        gain, offset = self.parts.adc_gain[:n], self.parts.adc_offset_v[:n]
+        acc = np.zeros(n)
+        if count:
+            if adc.noise_v > 0.0:
+                mean_v = mean_v + adc.noise_v / math.sqrt(count) * self._rng.standard_normal(n)
+            mean_code = gain * mean_v + offset
+            lsb = self._adc_lsb()
+            if lsb > 0.0:
+                # rounding as independent uniform errors of one LSB: variance 1/12 code^2 per sample
+                mean_code = mean_code / lsb + math.sqrt(1.0 / (12.0 * count)) * self._rng.standard_normal(n)
+            acc = mean_code * count
+        report = {
+            "analog_time": t,
+            "steps": 0,
+            "dt": 0.0,
+            "samples": count,
+            "engine": int(Engine.exact),
+            "saturated": 0,
+            "adc_clipped": 0,
+            "runaway": 0,
+        }
+        return report, final, acc, count
 
     def _read_mean(self, _: Mapping[str, Any]) -> dict[str, Any]:
         if not self._flags & StatusBit.HAS_RUN:

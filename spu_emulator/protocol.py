@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from enum import IntEnum, IntFlag
-from importlib.resources import files
 
-from .spec import read_yaml
+from .spec import SPEC_DIR, read_yaml
 
 __all__ = ["PROTOCOL_VERSION", "Opcode", "Status", "Engine", "OnSaturation", "StatusBit"]
 
-_doc = read_yaml(files("firmware_spec").joinpath("protocol.yaml").read_text())
+_doc = read_yaml((SPEC_DIR / "protocol.yaml").read_text())
 
 PROTOCOL_VERSION: int = _doc["protocol_version"]
 Opcode = IntEnum("Opcode", _doc["opcodes"])

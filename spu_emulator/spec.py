@@ -12,11 +12,13 @@ import math
 import re
 from dataclasses import dataclass, field
 from functools import cache
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+# firmware_spec/ is installed beside the packages (and sits beside them in a checkout)
+SPEC_DIR = Path(__file__).resolve().parent.parent / "firmware_spec"
 
 __all__ = [
     "SpecError",
@@ -161,13 +163,13 @@ _SECTIONS = {
 @cache
 def schema() -> dict[str, Any]:
     """The parsed ``firmware_spec/schema.yaml``."""
-    return read_yaml(files("firmware_spec").joinpath("schema.yaml").read_text())
+    return read_yaml((SPEC_DIR / "schema.yaml").read_text())
 
 
 def preset_names() -> list[str]:
     """Names of the presets shipped in ``firmware_spec/`` (``ideal``, ``spu-8``, ...)."""
     names = []
-    for entry in files("firmware_spec").iterdir():
+    for entry in SPEC_DIR.iterdir():
         name = entry.name
         if name.endswith(".yaml") and name not in ("schema.yaml", "protocol.yaml"):
             names.append(name[: -len(".yaml")])
@@ -187,7 +189,7 @@ def load_spec(name_or_path: str | Path) -> DeviceSpec:
 def _read(name_or_path: str | Path) -> tuple[str, str]:
     text_name = str(name_or_path)
     if text_name in preset_names():
-        entry = files("firmware_spec").joinpath(f"{text_name}.yaml")
+        entry = SPEC_DIR / f"{text_name}.yaml"
         return entry.read_text(), f"preset {text_name!r}"
     path = Path(name_or_path)
     if path.is_file():
@@ -220,9 +222,7 @@ def _check_object(data: dict, sch: dict, source: str, prefix: str) -> dict[str, 
     props = sch["properties"]
     for key in data:
         if key not in props:
-            raise SpecError(
-                f"{source}: unknown field {prefix}{key!r}; allowed here: {', '.join(props)}"
-            )
+            raise SpecError(f"{source}: unknown field {prefix}{key!r}; allowed here: {', '.join(props)}")
     for key in sch.get("required", []):
         if key not in data:
             raise SpecError(f"{source}: missing required field {prefix}{key}")
@@ -260,9 +260,7 @@ def _check_scalar(value: Any, sub: dict, source: str, where: str) -> Any:
         if not isinstance(value, str):
             raise SpecError(f"{source}: field {where} must be a string, got {value!r}")
     if "enum" in sub and value not in sub["enum"]:
-        raise SpecError(
-            f"{source}: field {where} = {value!r} is not one of {', '.join(map(str, sub['enum']))}"
-        )
+        raise SpecError(f"{source}: field {where} = {value!r} is not one of {', '.join(map(str, sub['enum']))}")
     low, high = sub.get("minimum"), sub.get("maximum")
     if low is not None and value < low:
         raise SpecError(f"{source}: field {where} = {value!r} is below its minimum {low} ({unit})")

@@ -1,0 +1,283 @@
+"""Seconds per integration step of the numba transient engine, beside a numpy ``A @ x``.
+
+    python benchmarks/bench_integrator.py            # about half a minute
+    python benchmarks/bench_integrator.py --quick    # smoke run, a few seconds
+
+For N in 8, 64, 256, 1024 it calls the engine's kernel ``spu_emulator._kernels._run_rc``
+directly, as ``Firmware._run`` does, on a realistic load: a random SPD coupling
+matrix (condition number 10) behind 5 % capacitor mismatch, so the drift
+M = C^-1 a is the non-symmetric matrix the firmware integrates; the step
+dt = step_factor / ||M||_2 with step_factor 0.02; injected noise on
+(kappa0 = 1e-5, one normal per cell per step); a 12-bit ADC with gain/offset
+error and input noise converting every cell 10 times per tau; rails on at
++-2.4 V, with the state started at the equilibrium A^-1 b so that no rail is hit.
+
+In the same run, interleaved with the engine so that load on the machine hits
+both alike, it times a numpy matrix-vector product of the same size in a Python
+loop, both ``A @ x`` and ``np.dot(A, x, out=y)`` with x and y preallocated, and
+takes the faster of the two as the reference.  Every timing is calibrated to
+last about ``--seconds`` (0.3 s; 0.03 s with ``--quick``), after a warm-up call
+that compiles the kernel; the table gives the median over ``--repeats`` (5)
+rounds, and the ratio is the median of the per-round ratios.
+
+Targets (PASS/MISS column): engine step / numpy matvec <= 1.5 for N >= 256, and at
+least 1e6 steps per second at N = 8.  A last line times the public driver end to
+end at N = 8 (``driver.open("ideal")``, load, one long ``run``), so the cost of
+the command layer shows beside the kernel's.
+
+BLAS threads: unless already set in the environment, this script sets
+OPENBLAS_NUM_THREADS, OMP_NUM_THREADS and MKL_NUM_THREADS to 1 before numpy is
+imported, so the engine's ``np.dot`` (scipy's BLAS, called from numba) and
+numpy's ``A @ x`` both run on one thread.  On a machine with few cores that is
+the fair comparison: threads would race the noise and ADC loop, not help it.
+Set them yourself to compare with more threads, e.g.
+``OPENBLAS_NUM_THREADS=2 python benchmarks/bench_integrator.py``.
+"""
+
+from __future__ import annotations
+
+import os
+
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+for _variable in BLAS_THREAD_VARIABLES:
+    os.environ.setdefault(_variable, "1")  # before numpy / scipy load their BLAS
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import driver  # noqa: E402
+from spu_emulator import _kernels  # noqa: E402
+
+SIZES = (8, 64, 256, 1024)
+RATIO_TARGET = 1.5  # engine step / numpy matvec, for N >= RATIO_TARGET_MIN_N
+RATIO_TARGET_MIN_N = 256
+RATE_TARGET = 1.0e6  # steps per second at N = RATE_TARGET_N
+RATE_TARGET_N = 8
+
+# The load: a board like spu-8, scaled to N cells.
+STEP_FACTOR = 0.02
+CONDITION = 10.0
+CAPACITANCE_MISMATCH = 0.05
+KAPPA0 = 1.0e-5  # injected noise, V^2 / tau
+ADC_BITS = 12
+ADC_RANGE_V = 2.048
+ADC_NOISE_V = 3.0e-4
+ADC_GAIN_ERROR = 1.0e-3
+ADC_OFFSET_V = 5.0e-4
+SAMPLE_RATE = 10.0  # conversions per tau
+RAIL_V = 2.4
+
+
+@dataclass
+class EngineLoad:
+    """The arguments of one ``_run_rc`` call, built once per N and reused."""
+
+    drift: np.ndarray
+    force: np.ndarray
+    noise_sd: np.ndarray
+    state: np.ndarray
+    dt: float
+    steps_per_sample: int
+    adc_gain: np.ndarray
+    adc_offset_v: np.ndarray
+    adc_lsb: float
+    adc_code_max: float
+    rng: np.random.Generator
+    acc: np.ndarray
+    work: np.ndarray
+
+    def run(self, n_steps: int) -> float:
+        """Integrate n_steps from the present state; returns the wall time (s) of the kernel call."""
+        self.acc[:] = 0.0
+        started = time.perf_counter()
+        steps, _, saturated, _, runaway = _kernels._run_rc(
+            self.drift,
+            self.force,
+            self.noise_sd,
+            self.state,
+            self.dt,
+            n_steps,
+            self.steps_per_sample,
+            self.steps_per_sample,
+            RAIL_V,
+            self.adc_gain,
+            self.adc_offset_v,
+            ADC_NOISE_V,
+            self.adc_lsb,
+            self.adc_code_max,
+            self.rng,
+            self.acc,
+            self.work,
+        )
+        wall = time.perf_counter() - started
+        if steps != n_steps or saturated or runaway:
+            raise RuntimeError(f"the benchmark load left its range: steps {steps}, saturated {saturated}")
+        return wall
+
+
+def make_load(n: int, seed: int) -> EngineLoad:
+    """A random SPD coupling with eigenvalues log-spaced in [1, CONDITION], mismatched capacitors,
+    the drive that puts the equilibrium at x* ~ U(-0.5, 0.5) V, and the ADC of a 12-bit board."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    coupling = (q * np.geomspace(1.0, CONDITION, n)) @ q.T
+    coupling = 0.5 * (coupling + coupling.T)
+    capacitance = 1.0 + CAPACITANCE_MISMATCH * rng.standard_normal(n)
+    drift = np.ascontiguousarray(coupling / capacitance[:, None])
+    equilibrium = rng.uniform(-0.5, 0.5, n)
+    period = 1.0 / SAMPLE_RATE
+    steps_per_sample = max(1, math.ceil(period * np.linalg.norm(drift, 2) / STEP_FACTOR - 1e-9))
+    code_max = float(2 ** (ADC_BITS - 1) - 1)
+    return EngineLoad(
+        drift=drift,
+        force=drift @ equilibrium,
+        noise_sd=np.sqrt(2.0 * KAPPA0) / capacitance,
+        state=equilibrium.copy(),
+        dt=period / steps_per_sample,
+        steps_per_sample=steps_per_sample,
+        adc_gain=1.0 + ADC_GAIN_ERROR * rng.standard_normal(n),
+        adc_offset_v=ADC_OFFSET_V * rng.standard_normal(n),
+        adc_lsb=ADC_RANGE_V / code_max,
+        adc_code_max=code_max,
+        rng=np.random.default_rng(seed + 1),
+        acc=np.zeros(n),
+        work=np.empty(n),
+    )
+
+
+def time_matmul(a: np.ndarray, x: np.ndarray, calls: int) -> float:
+    """Wall time (s) of ``calls`` evaluations of ``a @ x`` in a Python loop."""
+    started = time.perf_counter()
+    for _ in range(calls):
+        a @ x
+    return time.perf_counter() - started
+
+
+def time_dot_out(a: np.ndarray, x: np.ndarray, y: np.ndarray, calls: int) -> float:
+    """Wall time (s) of ``calls`` evaluations of ``np.dot(a, x, out=y)`` in a Python loop."""
+    started = time.perf_counter()
+    for _ in range(calls):
+        np.dot(a, x, out=y)
+    return time.perf_counter() - started
+
+
+def calibrate(timed, seconds: float) -> int:
+    """How many repetitions of ``timed(count) -> wall seconds`` last about ``seconds``."""
+    count = 16
+    while True:
+        wall = timed(count)
+        if wall >= 0.02 or count >= 1 << 30:
+            return max(1, round(count * seconds / wall))
+        count *= 8
+
+
+@dataclass(frozen=True)
+class Row:
+    n: int
+    steps: int
+    engine_s: float  # per step, median over rounds
+    matmul_s: float  # per ``A @ x``, median
+    dot_out_s: float  # per ``np.dot(A, x, out=y)``, median
+    ratio: float  # median over rounds of engine / min(matmul, dot_out)
+
+    @property
+    def numpy_s(self) -> float:
+        return min(self.matmul_s, self.dot_out_s)
+
+    @property
+    def verdict(self) -> str:
+        if self.n >= RATIO_TARGET_MIN_N:
+            return "PASS" if self.ratio <= RATIO_TARGET else "MISS"
+        if self.n == RATE_TARGET_N:
+            return "PASS" if 1.0 / self.engine_s >= RATE_TARGET else "MISS"
+        return "-"
+
+
+def measure(n: int, seconds: float, repeats: int, seed: int) -> Row:
+    """Time the engine and the numpy matvec at size n, interleaved, ``repeats`` rounds."""
+    load = make_load(n, seed)
+    load.run(load.steps_per_sample + 1)  # compiles on the first size (or loads the cache)
+    x = load.state.copy()
+    y = np.empty(n)
+    steps = calibrate(load.run, seconds)
+    matmul_calls = calibrate(lambda count: time_matmul(load.drift, x, count), seconds)
+    dot_calls = calibrate(lambda count: time_dot_out(load.drift, x, y, count), seconds)
+    engine, matmul, dot_out, ratios = [], [], [], []
+    for _ in range(repeats):
+        engine.append(load.run(steps) / steps)
+        matmul.append(time_matmul(load.drift, x, matmul_calls) / matmul_calls)
+        dot_out.append(time_dot_out(load.drift, x, y, dot_calls) / dot_calls)
+        ratios.append(engine[-1] / min(matmul[-1], dot_out[-1]))
+    return Row(
+        n=n,
+        steps=steps,
+        engine_s=statistics.median(engine),
+        matmul_s=statistics.median(matmul),
+        dot_out_s=statistics.median(dot_out),
+        ratio=statistics.median(ratios),
+    )
+
+
+def driver_end_to_end(preset: str, n: int, steps: int, seed: int) -> str:
+    """One line: steps per second of ``Device.run`` on a preset, and the fixed cost of a call."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    a = (q * np.geomspace(1.0, CONDITION, n)) @ q.T
+    a = 0.5 * (a + a.T)
+    b = rng.uniform(-1.0, 1.0, n)
+    with driver.open(preset, seed=seed) as device:
+        device.load_matrix(a)
+        device.load_vector(b)
+        first = device.run(t=10.0, on_saturation="flag")  # warm-up; gives dt
+        one_step = min(device.run(t=first.dt, on_saturation="flag").wall_time_s for _ in range(20))
+        report = device.run(t=steps * first.dt, on_saturation="flag")
+    return (
+        f"driver end to end ({preset!r}, N={n}): {report.steps:,} steps in {report.wall_time_s:.3f} s"
+        f" = {report.steps / report.wall_time_s:.3g} steps/s;"
+        f" fixed cost of one run() call {one_step * 1e6:.0f} us"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: short timings, 2 rounds")
+    parser.add_argument("--seconds", type=float, help="length of each timing, s (default 0.3, quick 0.03)")
+    parser.add_argument("--repeats", type=int, help="interleaved rounds per size (default 5, quick 2)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="cell counts N")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    seconds = args.seconds if args.seconds is not None else (0.03 if args.quick else 0.3)
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
+
+    threads = ", ".join(f"{name}={os.environ[name]}" for name in BLAS_THREAD_VARIABLES)
+    print(f"numba engine _run_rc vs numpy matvec; {threads}; {os.cpu_count()} CPUs")
+    print(f"noise on, {ADC_BITS}-bit ADC {SAMPLE_RATE:g}x/tau, rails +-{RAIL_V} V, median of {repeats}")
+    header = (
+        f"{'N':>5} {'steps timed':>12} {'s/step':>10} {'steps/s':>10}"
+        f" {'s A@x':>10} {'s dot(out)':>10} {'ratio':>6}  target"
+    )
+    print(header)
+    print("-" * len(header))
+    for n in args.sizes:
+        row = measure(n, seconds, repeats, args.seed + n)
+        print(
+            f"{row.n:>5} {row.steps:>12,} {row.engine_s:>10.3g} {1.0 / row.engine_s:>10.3g}"
+            f" {row.matmul_s:>10.3g} {row.dot_out_s:>10.3g} {row.ratio:>6.2f}  {row.verdict}"
+        )
+    print(
+        f"ratio = engine s/step / min(s A@x, s dot(out)); targets: ratio <= {RATIO_TARGET:g} at"
+        f" N >= {RATIO_TARGET_MIN_N}, >= {RATE_TARGET:.0e} steps/s at N = {RATE_TARGET_N}"
+    )
+    driver_steps = 1_000_000 if args.quick else 10_000_000
+    for preset in ("ideal", "spu-8"):
+        print(driver_end_to_end(preset, 8, driver_steps, args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
