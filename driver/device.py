@@ -73,9 +73,10 @@ class RunReport:
 
     analog_time: tau actually run (t rounded to the integrator's step grid);
     seconds: the same on the device's clock; samples: ADC conversions accumulated
-    per cell; engine: "transient" (or "exact"); saturated: a node hit a rail;
+    per cell; engine: "transient" or "exact"; saturated: a node hit a rail;
     adc_clipped: conversions clipped at the ADC's full scale; steps, dt: the
-    integrator's step count and step (tau); wall_time_s: host time for the call.
+    integrator's step count and step (tau), 0 for the exact engine;
+    wall_time_s: host time for the call.
     """
 
     analog_time: float
@@ -156,7 +157,9 @@ class Device:
         if status == Status.BAD_STATE:
             raise DeviceStateError(message)
         if status == Status.SATURATED:
-            raise SaturationError(message + "; pass on_saturation='flag' to keep such a run", reply)
+            if not reply.get("runaway"):
+                message += "; scale b down, or pass on_saturation='flag' to keep such a run"
+            raise SaturationError(message, reply)
         if status == Status.BUSY:
             raise DeviceBusyError(message + "; wait for the other host to close it")
         raise ProtocolError(message)
@@ -222,10 +225,21 @@ class Device:
 
         The array follows C dV/dt = -a V + gin u + noise from its present state
         (the state carries over between runs).  ``read_mean`` then gives the
-        average of the samples taken in (burn_in, t].  ``on_saturation``:
-        "raise" discards a run that hit a rail and raises SaturationError;
-        "flag" keeps it and sets ``RunReport.saturated``.  Cost on the transient
-        engine: O(n^2) per step, with t / dt steps.
+        average of the ADC samples taken in (burn_in, t].
+
+        engine: "transient" steps the circuit with every effect, O(n^2) per step
+        and t / dt steps; "exact" propagates the linear circuit exactly in
+        distribution (rails and ADC clipping are not modelled, ADC rounding is
+        modelled as uniform noise of one LSB), O(n^2) per run for a symmetric
+        array with equal noise per cell and O(n^3) otherwise, after O(n^3) once
+        per load, whatever t; "auto" (default) takes the exact engine only when
+        it can show that no rail or ADC clipping can act and the ADC is dithered
+        (see ``spu_emulator.exact``), and the transient engine otherwise.
+        ``RunReport.engine`` says which ran.
+
+        on_saturation: "raise" discards a run that hit a rail and raises
+        SaturationError; "flag" keeps it and sets ``RunReport.saturated``.  A
+        run-away (unstable) array always raises.
         """
         t = _as_time(t, "t")
         burn_in = _as_time(burn_in, "burn_in")

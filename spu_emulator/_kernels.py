@@ -113,7 +113,7 @@ def _run_rc(
                 runaway = True
             state[i] = v
         if runaway:
-            return step, samples, True, clipped, True
+            return step, samples, saturated, clipped, True
         if step >= first_sample_step and step % steps_per_sample == 0:
             samples += 1
             for i in range(n):

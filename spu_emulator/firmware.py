@@ -344,6 +344,7 @@ class Firmware:
                 Status.SATURATED,
                 "the drift is unstable (an eigenvalue of C^-1 a has a non-positive real part), so the array"
                 " would run away: the matrix is not positive definite; the run was not started",
+                runaway=1,
             )
         n = self._matrix.n
         adc = self.spec.adc

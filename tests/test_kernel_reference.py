@@ -67,8 +67,8 @@ def reference_run_rc(
 ):
     """Euler-Maruyama V <- V + dt (force - drift V) + noise_sd sqrt(dt) z, one step at a time.
 
-    Rails (rail_v > 0) clip V and set ``saturated``; without rails a step that leaves
-    |V| < RUNAWAY_V ends the run (after the whole step) with ``runaway``.  From
+    Rails (rail_v > 0) clip V and set ``saturated``; without rails a step after which some
+    |V_i| >= RUNAWAY_V (or is NaN) ends the run, the whole step done, with ``runaway``.  From
     ``first_sample_step`` on, every ``steps_per_sample``-th step converts each cell and
     adds its code to ``acc``.
     """
