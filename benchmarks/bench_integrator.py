@@ -17,20 +17,24 @@ both alike, it times a numpy matrix-vector product of the same size in a Python
 loop, both ``A @ x`` and ``np.dot(A, x, out=y)`` with x and y preallocated, and
 takes the faster of the two as the reference.  Every timing is calibrated to
 last about ``--seconds`` (0.3 s; 0.03 s with ``--quick``), after a warm-up call
-that compiles the kernel; the table gives the median over ``--repeats`` (5)
-rounds, and the ratio is the median of the per-round ratios.
+that compiles the kernel; the table gives the best (shortest) of ``--repeats``
+(5) interleaved rounds, since load from other processes only ever adds time, and
+the ratio is best engine step / best numpy matvec.  The header prints the load
+average: on a busy machine, rerun or raise ``--repeats``.
 
 Targets (PASS/MISS column): engine step / numpy matvec <= 1.5 for N >= 256, and at
 least 1e6 steps per second at N = 8.  A last line times the public driver end to
-end at N = 8 (``driver.open("ideal")``, load, one long ``run``), so the cost of
-the command layer shows beside the kernel's.
+end at N = 8 (``driver.open("ideal")``, load, one long ``run`` on the transient
+engine), so the cost of the command layer shows beside the kernel's; "ideal" has
+no noise, so it steps faster than the table's noisy N = 8 row, and a second line
+does the same on "spu-8" (noise, rails, 12-bit converters).
 
 BLAS threads: unless already set in the environment, this script sets
 OPENBLAS_NUM_THREADS, OMP_NUM_THREADS and MKL_NUM_THREADS to 1 before numpy is
 imported, so the engine's ``np.dot`` (scipy's BLAS, called from numba) and
 numpy's ``A @ x`` both run on one thread.  On a machine with few cores that is
-the fair comparison: threads would race the noise and ADC loop, not help it.
-Set them yourself to compare with more threads, e.g.
+the fair comparison and the steadiest one: extra BLAS threads compete with
+everything else that runs.  Set the variables yourself to use more threads, e.g.
 ``OPENBLAS_NUM_THREADS=2 python benchmarks/bench_integrator.py``.
 """
 
@@ -44,7 +48,6 @@ for _variable in BLAS_THREAD_VARIABLES:
 
 import argparse  # noqa: E402
 import math  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
@@ -180,14 +183,17 @@ def calibrate(timed, seconds: float) -> int:
 class Row:
     n: int
     steps: int
-    engine_s: float  # per step, median over rounds
-    matmul_s: float  # per ``A @ x``, median
-    dot_out_s: float  # per ``np.dot(A, x, out=y)``, median
-    ratio: float  # median over rounds of engine / min(matmul, dot_out)
+    engine_s: float  # per step, best round
+    matmul_s: float  # per ``A @ x``, best round
+    dot_out_s: float  # per ``np.dot(A, x, out=y)``, best round
 
     @property
     def numpy_s(self) -> float:
         return min(self.matmul_s, self.dot_out_s)
+
+    @property
+    def ratio(self) -> float:
+        return self.engine_s / self.numpy_s
 
     @property
     def verdict(self) -> str:
@@ -207,24 +213,21 @@ def measure(n: int, seconds: float, repeats: int, seed: int) -> Row:
     steps = calibrate(load.run, seconds)
     matmul_calls = calibrate(lambda count: time_matmul(load.drift, x, count), seconds)
     dot_calls = calibrate(lambda count: time_dot_out(load.drift, x, y, count), seconds)
-    engine, matmul, dot_out, ratios = [], [], [], []
+    engine, matmul, dot_out = [], [], []
     for _ in range(repeats):
         engine.append(load.run(steps) / steps)
         matmul.append(time_matmul(load.drift, x, matmul_calls) / matmul_calls)
         dot_out.append(time_dot_out(load.drift, x, y, dot_calls) / dot_calls)
-        ratios.append(engine[-1] / min(matmul[-1], dot_out[-1]))
-    return Row(
-        n=n,
-        steps=steps,
-        engine_s=statistics.median(engine),
-        matmul_s=statistics.median(matmul),
-        dot_out_s=statistics.median(dot_out),
-        ratio=statistics.median(ratios),
-    )
+    return Row(n=n, steps=steps, engine_s=min(engine), matmul_s=min(matmul), dot_out_s=min(dot_out))
+
+
+# The driver's "auto" engine may answer a linear run in closed form; these lines time the stepper.
+TRANSIENT = {"engine": "transient", "on_saturation": "flag"}
 
 
 def driver_end_to_end(preset: str, n: int, steps: int, seed: int) -> str:
-    """One line: steps per second of ``Device.run`` on a preset, and the fixed cost of a call."""
+    """One line: steps per second of ``Device.run`` (transient engine) on a preset, and the fixed
+    cost of one call, timed on one-step runs (validation, command layer, copies, report)."""
     rng = np.random.default_rng(seed)
     q, _ = np.linalg.qr(rng.standard_normal((n, n)))
     a = (q * np.geomspace(1.0, CONDITION, n)) @ q.T
@@ -233,9 +236,9 @@ def driver_end_to_end(preset: str, n: int, steps: int, seed: int) -> str:
     with driver.open(preset, seed=seed) as device:
         device.load_matrix(a)
         device.load_vector(b)
-        first = device.run(t=10.0, on_saturation="flag")  # warm-up; gives dt
-        one_step = min(device.run(t=first.dt, on_saturation="flag").wall_time_s for _ in range(20))
-        report = device.run(t=steps * first.dt, on_saturation="flag")
+        first = device.run(t=10.0, **TRANSIENT)  # warm-up; gives dt
+        one_step = min(device.run(t=first.dt, **TRANSIENT).wall_time_s for _ in range(20))
+        report = device.run(t=steps * first.dt, **TRANSIENT)
     return (
         f"driver end to end ({preset!r}, N={n}): {report.steps:,} steps in {report.wall_time_s:.3f} s"
         f" = {report.steps / report.wall_time_s:.3g} steps/s;"
@@ -255,8 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
 
     threads = ", ".join(f"{name}={os.environ[name]}" for name in BLAS_THREAD_VARIABLES)
-    print(f"numba engine _run_rc vs numpy matvec; {threads}; {os.cpu_count()} CPUs")
-    print(f"noise on, {ADC_BITS}-bit ADC {SAMPLE_RATE:g}x/tau, rails +-{RAIL_V} V, median of {repeats}")
+    load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"numba engine _run_rc vs numpy matvec; {threads}; {os.cpu_count()} CPUs, load {load_average:.1f}")
+    print(f"noise on, {ADC_BITS}-bit ADC {SAMPLE_RATE:g}x/tau, rails +-{RAIL_V} V; best of {repeats} rounds")
     header = (
         f"{'N':>5} {'steps timed':>12} {'s/step':>10} {'steps/s':>10}"
         f" {'s A@x':>10} {'s dot(out)':>10} {'ratio':>6}  target"
@@ -266,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.sizes:
         row = measure(n, seconds, repeats, args.seed + n)
         print(
-            f"{row.n:>5} {row.steps:>12,} {row.engine_s:>10.3g} {1.0 / row.engine_s:>10.3g}"
-            f" {row.matmul_s:>10.3g} {row.dot_out_s:>10.3g} {row.ratio:>6.2f}  {row.verdict}"
+            f"{row.n:>5} {row.steps:>12,} {row.engine_s:>10.3e} {1.0 / row.engine_s:>10.3e}"
+            f" {row.matmul_s:>10.3e} {row.dot_out_s:>10.3e} {row.ratio:>6.2f}  {row.verdict}"
         )
     print(
         f"ratio = engine s/step / min(s A@x, s dot(out)); targets: ratio <= {RATIO_TARGET:g} at"

@@ -11,9 +11,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-# Above this size the matrix-vector product goes to BLAS; below it a plain loop
-# avoids the call overhead (about 1 us) that would dominate a small array.
-_BLAS_MIN_CELLS = 48
+# From this size on the matrix-vector product goes to BLAS; below it a plain loop
+# avoids the call overhead (about 40 ns from numba), which dominates a small array.
+# The loop does not vectorise, so BLAS wins early: the crossover measured with
+# benchmarks/bench_integrator.py --sizes 16 20 24 32 was about 20 cells; 24 leaves margin.
+_BLAS_MIN_CELLS = 24
 
 # A state this large means the array ran away (no rails to stop it).
 RUNAWAY_V = 1.0e150
