@@ -145,9 +145,12 @@ class Device:
     def transport(self) -> Transport:
         return self._transport
 
-    def _call(self, opcode: Opcode, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _check_open(self) -> None:
         if self._closed:
             raise DeviceClosedError(f"{self._label} is closed; open a new one with driver.open()")
+
+    def _call(self, opcode: Opcode, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+        self._check_open()
         status, reply = self._transport.request(int(opcode), payload)
         if status == Status.OK:
             return reply
@@ -183,6 +186,7 @@ class Device:
         ``symmetric`` (default) A must equal A.T to round-off.  Cost O(n^2) here
         plus the transfer of n^2 codes.
         """
+        self._check_open()
         A = _as_float_array(A, "matrix A", 2)
         n = A.shape[0]
         if A.shape != (n, n) or n == 0:
@@ -209,6 +213,7 @@ class Device:
         By default scale = max|b| / dac_range_v, so the largest entry uses the
         DAC's full range.  Cost O(n) plus the transfer of n codes.
         """
+        self._check_open()
         b = _as_float_array(b, "vector b", 1)
         if b.shape[0] == 0:
             raise InvalidInputError("vector b must be non-empty")
@@ -241,12 +246,13 @@ class Device:
         SaturationError; "flag" keeps it and sets ``RunReport.saturated``.  A
         run-away (unstable) array always raises.
         """
+        self._check_open()
         t = _as_time(t, "t")
         burn_in = _as_time(burn_in, "burn_in")
         if not 0.0 < t <= self.info.max_run_time:
             raise InvalidInputError(
-                f"t = {t!r} tau is outside (0, {self.info.max_run_time:g}], the run time this device allows;"
-                " split a longer run into several"
+                f"t = {t!r} tau is outside (0, {self.info.max_run_time:g}], the run time this device allows"
+                + ("; split a longer run into several" if t > 0 else "; pass a positive time")
             )
         if not 0.0 <= burn_in < t:
             raise InvalidInputError(f"burn_in = {burn_in!r} must be in [0, t) with t = {t:g}")
@@ -357,9 +363,11 @@ def _as_time(value: Any, what: str) -> float:
 def _choose_scale(natural: float, scale: float | None, what: str) -> float:
     if scale is None:
         return natural if natural > 0.0 else 1.0
-    scale = _as_time(scale, f"scale of {what}")
-    if not scale > 0.0:
-        raise InvalidInputError(f"scale of {what} must be positive, got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
+        raise InvalidInputError(f"scale of {what} must be a positive number, got {scale!r}")
+    scale = float(scale)
+    if not (scale > 0.0 and np.isfinite(scale)):
+        raise InvalidInputError(f"scale of {what} must be a positive finite number, got {scale!r}")
     return scale
 
 

@@ -29,6 +29,12 @@ __all__ = ["Firmware", "ProgrammedMatrix", "K_BOLTZMANN"]
 K_BOLTZMANN = 1.380649e-23  # J/K
 
 
+_UNSTABLE = (
+    "the drift is unstable (an eigenvalue of C^-1 a has a non-positive real part), so the array would run"
+    " away: the matrix is not positive definite; the run was not started"
+)
+
+
 class _Refused(Exception):
     def __init__(self, status: Status, message: str, **extra: Any):
         super().__init__(message)
@@ -223,6 +229,9 @@ class Firmware:
                 Status.BAD_STATE,
                 f"the matrix is {matrix.n}x{matrix.n} but the vector has {self._vector_codes.shape[0]} entries",
             )
+        if not self.spec.rails.enabled and not self._linear_model().stable:
+            # with no rails to stop it the state would grow without bound; refuse before running
+            raise _Refused(Status.SATURATED, _UNSTABLE, runaway=1)
         if engine == Engine.transient or (engine == Engine.auto and not self._linear_is_safe(t)):
             report, state, acc, samples = self._run_transient(t, burn_in, on_saturation)
         else:
@@ -340,12 +349,7 @@ class Firmware:
     def _run_exact(self, t: float, burn_in: float):
         model = self._linear_model()
         if not model.stable:
-            raise _Refused(
-                Status.SATURATED,
-                "the drift is unstable (an eigenvalue of C^-1 a has a non-positive real part), so the array"
-                " would run away: the matrix is not positive definite; the run was not started",
-                runaway=1,
-            )
+            raise _Refused(Status.SATURATED, _UNSTABLE, runaway=1)
         n = self._matrix.n
         adc = self.spec.adc
         mean_v, final, count = propagate(

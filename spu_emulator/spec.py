@@ -222,7 +222,7 @@ def _check_object(data: dict, sch: dict, source: str, prefix: str) -> dict[str, 
     props = sch["properties"]
     for key in data:
         if key not in props:
-            raise SpecError(f"{source}: unknown field {prefix}{key!r}; allowed here: {', '.join(props)}")
+            raise SpecError(f"{source}: unknown field {prefix}{key}; allowed here: {', '.join(props)}")
     for key in sch.get("required", []):
         if key not in data:
             raise SpecError(f"{source}: missing required field {prefix}{key}")
@@ -231,8 +231,6 @@ def _check_object(data: dict, sch: dict, source: str, prefix: str) -> dict[str, 
         where = f"{prefix}{key}"
         value = data.get(key, sub.get("default"))
         if sub["type"] == "object":
-            if value is None:
-                value = {}
             if not isinstance(value, dict):
                 raise SpecError(f"{source}: field {where} must be a mapping, got {value!r}")
             out[key] = _check_object(value, sub, source, where + ".")
