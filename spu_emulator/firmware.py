@@ -346,16 +346,40 @@ class Firmware:
                 return False
         return True
 
+    def _refuse_clipped_equilibrium(self, model: LinearModel, target: np.ndarray) -> None:
+        """The exact engine has no rails and no ADC full scale: refuse when the equilibrium itself
+        (V* plus 3 stationary standard deviations) lies beyond either, since its answer would be impossible."""
+        n = target.shape[0]
+        reach = np.abs(target) + 3.0 * np.sqrt(model.stationary_var)
+        limits = []
+        if self.spec.rails.enabled:
+            limits.append(("the rails", self.spec.rails.v_rail, reach))
+        if self.spec.adc.bits > 0:
+            seen = np.abs(self.parts.adc_gain[:n]) * reach + np.abs(self.parts.adc_offset_v[:n])
+            limits.append(("the ADC full scale", self.spec.adc.range_v, seen))
+        for what, limit, level in limits:
+            worst = int(np.argmax(level))
+            if level[worst] >= limit:
+                raise _Refused(
+                    Status.SATURATED,
+                    f"the exact engine cannot model clipping, and the equilibrium of cell {worst} reaches"
+                    f" {level[worst]:.3g} V, beyond {what} at {limit:g} V; scale b down, or use"
+                    " engine='transient' to run into the limit",
+                    runaway=1,
+                )
+
     def _run_exact(self, t: float, burn_in: float):
         model = self._linear_model()
         if not model.stable:
             raise _Refused(Status.SATURATED, _UNSTABLE, runaway=1)
         n = self._matrix.n
         adc = self.spec.adc
+        target = model.fixed_point(self._force)
+        self._refuse_clipped_equilibrium(model, target)
         mean_v, final, count = propagate(
             model,
             self._state[:n],
-            model.fixed_point(self._force),
+            target,
             t,
             burn_in,
             1.0 / adc.sample_rate,
