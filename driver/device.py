@@ -160,7 +160,7 @@ class Device:
         if status == Status.BAD_STATE:
             raise DeviceStateError(message)
         if status == Status.SATURATED:
-            if not reply.get("runaway"):
+            if reply.get("keepable"):
                 message += "; scale b down, or pass on_saturation='flag' to keep such a run"
             raise SaturationError(message, reply)
         if status == Status.BUSY:

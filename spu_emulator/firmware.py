@@ -308,7 +308,8 @@ class Firmware:
                     f"a node hit the rails at +-{rail:g} V: the matrix may not be positive definite,"
                     " or the solution is beyond the rails for this input"
                 )
-            raise _Refused(Status.SATURATED, why + "; the run was discarded", **report)
+            # a rail-limited run can be kept with on_saturation=flag; a run-away cannot
+            raise _Refused(Status.SATURATED, why + "; the run was discarded", keepable=int(not runaway), **report)
         return report, state, acc, int(samples)
 
     def _linear_model(self) -> LinearModel:
@@ -365,7 +366,6 @@ class Firmware:
                     f"the exact engine cannot model clipping, and the equilibrium of cell {worst} reaches"
                     f" {level[worst]:.3g} V, beyond {what} at {limit:g} V; scale b down, or use"
                     " engine='transient' to run into the limit",
-                    runaway=1,
                 )
 
     def _run_exact(self, t: float, burn_in: float):
