@@ -12,18 +12,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import linalg
-from .device import Device, DeviceInfo, DeviceStatus, LoadReport, RunReport
+from . import linalg, ngd, tngd
+from .device import CallRecord, Device, DeviceInfo, DeviceStatus, DeviceTime, LoadReport, RunReport
 from .errors import (
     DeviceBusyError,
     DeviceClosedError,
     DeviceStateError,
     InvalidInputError,
+    LinkError,
+    LinkTimeoutError,
     ProtocolError,
     SaturationError,
     SpecError,
     SpuError,
 )
+from .ggn import GGN
+from .tngd import TNGD
 from .transport import InProcessTransport
 
 __all__ = [
@@ -33,7 +37,13 @@ __all__ = [
     "DeviceStatus",
     "LoadReport",
     "RunReport",
+    "DeviceTime",
+    "CallRecord",
+    "GGN",
     "linalg",
+    "ngd",
+    "tngd",
+    "TNGD",
     "SpuError",
     "InvalidInputError",
     "SpecError",
@@ -42,18 +52,31 @@ __all__ = [
     "DeviceBusyError",
     "SaturationError",
     "ProtocolError",
+    "LinkError",
+    "LinkTimeoutError",
 ]
 
 
-def open(spec: str | Path = "spu-8", seed: int | None = None) -> Device:  # noqa: A001 - the driver's verb
+def open(  # noqa: A001 - the driver's verb
+    spec: str | Path = "spu-8", seed: int | None = None, *, timeout: float | None = None
+) -> Device:
     """Open an emulated SPU from a preset name (``"ideal"``, ``"spu-8"``, ``"tngd-sim"``)
-    or the path of a YAML spec.
+    or the path of a YAML spec, or a served device (``spu serve``) at ``"tcp://HOST:PORT"``.
 
     ``seed`` fixes the device: its component mismatch and its noise stream.  The
     same spec, seed and calls give bit-identical results; seed=None draws fresh
-    entropy (``Device.info.seed_entropy`` records it).
+    entropy (``Device.info.seed_entropy`` records it).  A served device has the seed
+    it was served with: pass that seed (it is checked) or None; it is reset on open, so
+    it starts at power-on like an in-process one (see firmware_spec/PROTOCOL.md).
+
+    ``timeout`` (tcp:// only): seconds to wait for the connection and for each reply,
+    default 60 (protocol.yaml ``timing.client_timeout_s``), ``math.inf`` for no limit.
     """
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise InvalidInputError(f"seed must be a non-negative integer or None, got {seed!r}")
+    if isinstance(spec, str) and spec.startswith("tcp://"):
+        from .tcp import open_tcp  # imports the wire codec only when a socket is wanted
+
+        return open_tcp(spec, seed=seed, timeout=timeout)
     transport = InProcessTransport(spec, seed=seed)
     return Device(transport, label=f"device {str(spec)!r}")

@@ -15,7 +15,8 @@ from .errors import SpuError
 
 
 def _info(args: argparse.Namespace) -> int:
-    with driver.open(args.preset, seed=0) as dev:
+    served = args.preset.startswith("tcp://")  # a served device has its own seed
+    with driver.open(args.preset, seed=None if served else 0) as dev:
         info = dev.info
         rail = f"+-{info.rail_v:g} V" if info.rail_v is not None else "off"
         print(f"{info.name}: {info.spec['description']}")
@@ -100,7 +101,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--t", type=float, default=200.0, help="analog run time in tau (default 200)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the system and the device (default 0)")
     demo.set_defaults(func=_demo)
+
+    serve = sub.add_parser("serve", help="serve one emulated device over TCP (stop with Ctrl-C or SIGTERM)")
+    serve.add_argument("preset", help="preset name or YAML path")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=0, help="TCP port (default 0: a free one, logged)")
+    serve.add_argument("--seed", type=int, default=None, help="device seed (default: fresh entropy)")
+    serve.add_argument("--frame-timeout", type=float, default=None, help="seconds a frame may take once begun")
+    serve.add_argument("--idle-timeout", type=float, default=None, help="seconds the holder may stay silent")
+    serve.set_defaults(func=_serve)
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    # The device side.  The CLI is the one place that starts both sides, so it imports the
+    # emulator's server here, lazily; the driver package itself never does.
+    from spu_emulator.server import serve
+
+    timeouts = {"frame_timeout": args.frame_timeout, "idle_timeout": args.idle_timeout}
+    return serve(args.preset, args.host, args.port, args.seed, **{k: v for k, v in timeouts.items() if v is not None})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,6 +9,7 @@ u = b / s_b, so x = A^-1 b = V * s_b / s_A.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,10 +25,11 @@ from .errors import (
     ProtocolError,
     SaturationError,
 )
+from .ggn import GGN, code_dtype, natural_scale, program
 from .protocol import Engine, OnSaturation, Opcode, Status, StatusBit
 from .transport import Transport
 
-__all__ = ["Device", "DeviceInfo", "RunReport", "LoadReport", "DeviceStatus"]
+__all__ = ["Device", "DeviceInfo", "RunReport", "LoadReport", "DeviceStatus", "DeviceTime", "CallRecord"]
 
 # |A - A.T| up to this fraction of max |A| counts as symmetric (round-off of J^T H J and the like)
 SYMMETRY_RTOL = 1e-10
@@ -54,6 +56,63 @@ class DeviceInfo:
     link_rate_gbps: float
     seed_entropy: str
     spec: dict[str, Any]
+    max_dense_size: int = 0
+    max_ggn_rows: int = 0
+    program_row_s: float = 0.0
+    kappa0_max: float = 0.0  # full scale of a programmable noise source (set_noise); 0 = fixed at kappa0
+
+
+@dataclass(frozen=True)
+class DeviceTime:
+    """What a call would take on the hardware the device's spec describes, in seconds (DESIGN 4.6).
+
+    The device's timing model (``spu_emulator/timing.py``) reports it with every load, run and read:
+    link_s, codes over the host link (bits per code x codes / link rate); program_s, writing element
+    codes into the arrays (rows x timing.program_row_s); analog_s, the analog run (t x tau);
+    convert_s, ADC conversions outside a run (read_state's snapshot).  total_s is their sum (the
+    stages run one after another).  Records add up: ``sum(r.device_time for r in dev.timeline)``.
+    NaN where a device did not report.
+    """
+
+    link_s: float = 0.0
+    program_s: float = 0.0
+    analog_s: float = 0.0
+    convert_s: float = 0.0
+
+    @property
+    def total_s(self) -> float:
+        return self.link_s + self.program_s + self.analog_s + self.convert_s
+
+    def __add__(self, other: DeviceTime) -> DeviceTime:
+        if not isinstance(other, DeviceTime):
+            return NotImplemented
+        return DeviceTime(
+            self.link_s + other.link_s,
+            self.program_s + other.program_s,
+            self.analog_s + other.analog_s,
+            self.convert_s + other.convert_s,
+        )
+
+    def __radd__(self, other: Any) -> DeviceTime:
+        if other == 0:  # sum() starts from 0
+            return self
+        return NotImplemented
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One entry of ``Device.timeline``: a load, run or read and what it took.
+
+    call: "load_matrix", "load_vector", "run", "read_mean" or "read_state"; device_time: the timing
+    model's estimate on the hardware; wall_time_s: host time of the call, the driver's conversions
+    included (the emulator's own cost);
+    discarded: a run that hit a rail or ran away and raised SaturationError (its time was spent).
+    """
+
+    call: str
+    device_time: DeviceTime
+    wall_time_s: float
+    discarded: bool = False
 
 
 @dataclass(frozen=True)
@@ -65,6 +124,7 @@ class LoadReport:
     clipped: int
     zeroed: int
     max_error: float
+    device_time: DeviceTime = DeviceTime()
 
 
 @dataclass(frozen=True)
@@ -76,7 +136,8 @@ class RunReport:
     per cell; engine: "transient" or "exact"; saturated: a node hit a rail;
     adc_clipped: conversions clipped at the ADC's full scale; steps, dt: the
     integrator's step count and step (tau), 0 for the exact engine;
-    wall_time_s: host time for the call.
+    wall_time_s: host time for the call; device_time: what the run takes on the hardware (its
+    analog_s is ``seconds``; see :class:`DeviceTime`).
     """
 
     analog_time: float
@@ -88,6 +149,7 @@ class RunReport:
     steps: int
     dt: float
     wall_time_s: float
+    device_time: DeviceTime = DeviceTime()
 
 
 @dataclass(frozen=True)
@@ -132,13 +194,22 @@ class Device:
             link_rate_gbps=spec["timing"]["link_rate_gbps"],
             seed_entropy=reply["seed_entropy"],
             spec=spec,
+            max_dense_size=min(spec["cells"]["count"], spec["coupling"]["max_dense_size"]),
+            max_ggn_rows=spec["coupling"]["max_ggn_rows"],
+            program_row_s=spec["timing"]["program_row_s"],
+            kappa0_max=spec["noise"].get("kappa0_max", 0.0),
         )
         self._forget_scales()
+        # every load, run and read, with the hardware time the device reports for it (DESIGN 4.6)
+        self.timeline: list[CallRecord] = []
+        self._j_codes: np.ndarray | None = None  # J's codes of the last GGN load (the buffer is reused)
 
     def _forget_scales(self) -> None:
         self._matrix_scale: float | None = None
         self._vector_scale: float | None = None
         self._readout_scale: float | None = None
+        self._recorded: tuple[bool, int] | None = None  # (record_cov, record_samples) of the last run
+        self._kappa0 = self.info.kappa0  # the injected noise level (set_noise), back to the spec's on reset
 
     # -- plumbing ----------------------------------------------------------------
     @property
@@ -167,6 +238,17 @@ class Device:
             raise DeviceBusyError(message + "; wait for the other host to close it")
         raise ProtocolError(message)
 
+    def _record(self, call: str, reply: dict[str, Any], started: float, discarded: bool = False) -> DeviceTime:
+        """Append the call to the timeline; returns its device time."""
+        spent = _device_time(reply)
+        self.timeline.append(CallRecord(call, spent, time.perf_counter() - started, discarded))
+        return spent
+
+    @property
+    def last_call_time(self) -> DeviceTime:
+        """Hardware time of the last load, run or read (zero before the first)."""
+        return self.timeline[-1].device_time if self.timeline else DeviceTime()
+
     def __enter__(self) -> Device:
         return self
 
@@ -179,19 +261,35 @@ class Device:
 
     # -- loads -------------------------------------------------------------------
     def load_matrix(self, A: Any, *, symmetric: bool = True, scale: float | None = None) -> LoadReport:
-        """Program the coupling array with A (n, n), n <= cells.
+        """Program the coupling array with A (n, n), n <= cells; or a ``driver.GGN(J, H, damping)``.
 
         The array is programmed with a = A / scale (g0); by default scale =
         max|A| / g_max, so the largest element uses the full code range.  With
         ``symmetric`` (default) A must equal A.T to round-off.  Cost O(n^2) here
         plus the transfer of n^2 codes.
+
+        A GGN F = J^T H J + damping I, J (m, N), goes into the device's structured arrays (J, H,
+        J^T and a damping diagonal, TNGD App. C) without forming N x N: N <= cells, m <= the
+        device's ``max_ggn_rows``.  Each array gets its own scale so it uses its code range, and
+        ``scale`` (default :meth:`matrix_scale`) is the one overall scale s of F, undone on
+        read-out as for a dense matrix (see :mod:`driver.ggn`).  Cost O(m N + m^3) here plus the
+        transfer of m N + m^2 + 1 codes; ``symmetric`` does not apply.
         """
         self._check_open()
+        started = time.perf_counter()
+        if isinstance(A, GGN):
+            return self._load_ggn(A, scale, started)
+        try:
+            shape = np.shape(A)
+        except ValueError:  # a ragged list: _as_float_array says so
+            shape = ()
+        if len(shape) == 2 and shape[0] == shape[1]:  # too large for the device: refused before any copy is made
+            self._check_dense(shape[0])
         A = _as_float_array(A, "matrix A", 2)
         n = A.shape[0]
         if A.shape != (n, n) or n == 0:
             raise InvalidInputError(f"matrix A must be square and non-empty, got shape {A.shape}")
-        self._check_fits(n, "matrix A")
+        self._check_dense(n)
         biggest = float(np.abs(A).max())
         if symmetric:
             asym = np.abs(A - A.T)
@@ -203,9 +301,53 @@ class Device:
                 )
         scale = _choose_scale(biggest / self.info.g_max, scale, "matrix A")
         q = to_codes(A / scale, self.info.element_bits, self.info.g_max)
-        self._call(Opcode.LOAD_MATRIX, {"codes": q.codes})
+        reply = self._call(Opcode.LOAD_MATRIX, {"codes": q.codes})
         self._matrix_scale = scale
-        return _report(scale, q)
+        return _report(scale, q, self._record("load_matrix", reply, started))
+
+    def _load_ggn(self, ggn: GGN, scale: float | None, started: float) -> LoadReport:
+        m, n = ggn.m, ggn.n
+        self._check_fits(n, "GGN J (N parameters)")
+        if m > self.info.max_ggn_rows:
+            rows = self.info.max_ggn_rows
+            has = f"only {rows} rows" if rows else "no structured arrays"
+            raise InvalidInputError(
+                f"GGN J has m = {m} rows (outputs of the batch), but {self.info.name} has {has}"
+                " (coupling.max_ggn_rows); use a smaller batch, or a device spec with wider arrays"
+            )
+        if scale is not None:
+            scale = _choose_scale(0.0, scale, "GGN")
+        # J's codes go into a buffer kept from load to load (a TNGD loop loads the same shape every step)
+        dtype = code_dtype(self.info.element_bits)
+        buffer = self._j_codes
+        if buffer is None or buffer.shape != ggn.J.shape or buffer.dtype != dtype:
+            buffer = self._j_codes = np.empty(ggn.J.shape, dtype)
+        codes = program(ggn, self.info.element_bits, self.info.g_max, scale, out=buffer)
+        reply = self._call(
+            Opcode.LOAD_GGN,
+            {"j_codes": codes.j_codes, "h_codes": codes.h_codes, "damping_code": codes.damping_code},
+        )
+        self._matrix_scale = codes.scale
+        spent = self._record("load_matrix", reply, started)
+        parts = codes.quantised
+        return LoadReport(
+            scale=codes.scale,
+            clipped=sum(q.clipped for q in parts),
+            zeroed=sum(q.zeroed for q in parts),
+            max_error=max(q.max_error for q in parts),
+            device_time=spent,
+        )
+
+    def matrix_scale(self, A: Any) -> float:
+        """The scale s (user units of A per g0) that ``load_matrix(A)`` chooses when none is given.
+
+        Dense A: max|A| / g_max.  GGN: max(s_J^2 s_H, damping / g_max) with s_J = max|J| / g_max and
+        s_H = max|H| / g_max (see :mod:`driver.ggn`).  Useful to know s before loading.
+        """
+        if isinstance(A, GGN):
+            return natural_scale(A, self.info.g_max)
+        A = _as_float_array(A, "matrix A", 2)
+        return _choose_scale(float(np.abs(A).max(initial=0.0)) / self.info.g_max, None, "matrix A")
 
     def load_vector(self, b: Any, *, scale: float | None = None) -> LoadReport:
         """Set the input DACs to u = b / scale (volts), b of shape (n,), n <= cells.
@@ -214,23 +356,36 @@ class Device:
         DAC's full range.  Cost O(n) plus the transfer of n codes.
         """
         self._check_open()
+        started = time.perf_counter()
         b = _as_float_array(b, "vector b", 1)
         if b.shape[0] == 0:
             raise InvalidInputError("vector b must be non-empty")
         self._check_fits(b.shape[0], "vector b")
         scale = _choose_scale(float(np.abs(b).max()) / self.info.dac_range_v, scale, "vector b")
         q = to_codes(b / scale, self.info.dac_bits, self.info.dac_range_v)
-        self._call(Opcode.LOAD_VECTOR, {"codes": q.codes})
+        reply = self._call(Opcode.LOAD_VECTOR, {"codes": q.codes})
         self._vector_scale = scale
-        return _report(scale, q)
+        return _report(scale, q, self._record("load_vector", reply, started))
 
     # -- run and read-out --------------------------------------------------------
-    def run(self, t: float, burn_in: float = 0.0, *, engine: str = "auto", on_saturation: str = "raise") -> RunReport:
+    def run(
+        self,
+        t: float,
+        burn_in: float = 0.0,
+        *,
+        engine: str = "auto",
+        on_saturation: str = "raise",
+        record_cov: bool = False,
+        record_samples: int = 0,
+        sample_stride: int = 1,
+    ) -> RunReport:
         """Let the array evolve for analog time t (tau); accumulate ADC samples after burn_in.
 
         The array follows C dV/dt = -a V + gin u + noise from its present state
-        (the state carries over between runs).  ``read_mean`` then gives the
-        average of the ADC samples taken in (burn_in, t].
+        (the state carries over between runs; oscillator cells, ``info.cell_kind ==
+        "oscillator"``, follow the second-order dynamics of DESIGN 4.2 to the same
+        stationary law).  ``read_mean`` then gives the average of the ADC samples
+        taken in (burn_in, t].
 
         engine: "transient" steps the circuit with every effect, O(n^2) per step
         and t / dt steps; "exact" propagates the linear circuit exactly in
@@ -245,8 +400,18 @@ class Device:
         on_saturation: "raise" discards a run that hit a rail and raises
         SaturationError; "flag" keeps it and sets ``RunReport.saturated``.  A
         run-away (unstable) array always raises.
+
+        Second moments and samples (both off by default, and free when off):
+        ``record_cov=True`` also accumulates sum_k code_k code_k^T on the device over
+        the same window, for :meth:`read_cov` (O(n^2) per conversion);
+        ``record_samples=k`` keeps k snapshots, every ``sample_stride``-th conversion
+        after burn_in (so sample_stride / sample_rate tau apart), for
+        :meth:`read_samples`; t - burn_in must hold k * sample_stride conversions.
+        A recording run always steps ("auto" takes the transient engine; "exact"
+        is refused): the exact engine draws a window's average, not its conversions.
         """
         self._check_open()
+        record = _recording(record_cov, record_samples, sample_stride)
         t = _as_time(t, "t")
         burn_in = _as_time(burn_in, "burn_in")
         if not 0.0 < t <= self.info.max_run_time:
@@ -261,11 +426,19 @@ class Device:
         if self._matrix_scale is None or self._vector_scale is None:
             raise DeviceStateError("load a matrix and a vector before run(): call load_matrix(A) and load_vector(b)")
         started = time.perf_counter()
-        reply = self._call(
-            Opcode.RUN, {"t": t, "burn_in": burn_in, "engine": engine_code, "on_saturation": saturation_code}
-        )
-        wall = time.perf_counter() - started
+        try:
+            reply = self._call(
+                Opcode.RUN,
+                {"t": t, "burn_in": burn_in, "engine": engine_code, "on_saturation": saturation_code, **record},
+            )
+        except SaturationError as error:
+            if "hardware_time" in error.report:  # the run took place and took its time, then was discarded
+                self._record("run", error.report, started, discarded=True)
+            raise
+        spent = self._record("run", reply, started)
+        wall = self.timeline[-1].wall_time_s
         self._readout_scale = self._vector_scale / self._matrix_scale
+        self._recorded = (bool(record["record_cov"]), record["record_samples"])
         return RunReport(
             analog_time=float(reply["analog_time"]),
             seconds=float(reply["analog_time"]) * self.info.tau_s,
@@ -276,19 +449,107 @@ class Device:
             steps=int(reply["steps"]),
             dt=float(reply["dt"]),
             wall_time_s=wall,
+            device_time=spent,
         )
 
     def read_mean(self) -> np.ndarray:
         """Average of the ADC samples of the last run, in user units: x ~ A^-1 b.  Shape (n,)."""
+        started = time.perf_counter()
         reply = self._call(Opcode.READ_MEAN)
+        self._record("read_mean", reply, started)
         return self._to_user(reply["mean_codes"])
 
     def read_state(self) -> np.ndarray:
         """One ADC snapshot of the present state, in user units.  Shape (n,)."""
+        started = time.perf_counter()
         reply = self._call(Opcode.READ_STATE)
+        self._record("read_state", reply, started)
         return self._to_user(reply["codes"])
 
+    def read_cov(self) -> np.ndarray:
+        """Sample covariance of the cells over the last run's window, in user units squared.  Shape (n, n).
+
+        The device accumulates sum_k code_k code_k^T during a run with ``record_cov=True``
+        and returns (S - K m m^T) / (K - 1) for its K conversions; here codes become
+        user units (scale^2).  With the array at equilibrium it estimates
+        kappa s_A A^-1 scaled to the readout (``driver.linalg.inv`` makes that A^-1); its
+        relative error is about sqrt(2 tau_c / (t - burn_in)), tau_c the array's
+        correlation time.  Raises DeviceStateError before any run, or when the last
+        run did not record.
+        """
+        self._check_open()
+        if self._recorded is None or not self._recorded[0]:
+            did = "no run since open or reset" if self._recorded is None else "the last run did not record it"
+            raise DeviceStateError(
+                f"read_cov() needs the second moments of a run, and there are none ({did});"
+                " call run(t, burn_in, record_cov=True) first"
+            )
+        started = time.perf_counter()
+        reply = self._call(Opcode.READ_COV)
+        self._record("read_cov", reply, started)
+        return reply["cov_codes"] * self._user_per_code() ** 2
+
+    def read_samples(self, k: int | None = None) -> np.ndarray:
+        """The first k snapshots of the last run (all of them when k is None), in user units.  Shape (k, n).
+
+        Snapshot j is the ADC conversion (j + 1) * sample_stride after burn_in of a run
+        with ``record_samples >= k``.  Raises InvalidInputError for k <= 0 and
+        DeviceStateError when the last run recorded fewer than k (or none).
+        """
+        self._check_open()
+        if k is not None:
+            if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+                raise InvalidInputError(f"k must be a positive integer number of snapshots, got {k!r}")
+            if k <= 0:
+                raise InvalidInputError(f"k = {k} snapshots: ask for at least 1 (or pass None for all)")
+        recorded = 0 if self._recorded is None else self._recorded[1]
+        if recorded == 0 or (k is not None and k > recorded):
+            did = "no run since open or reset" if self._recorded is None else f"the last run recorded {recorded}"
+            raise DeviceStateError(
+                f"read_samples({k}) needs that many snapshots ({did}); call run(t, burn_in,"
+                f" record_samples={k or 1}, sample_stride=...) first"
+            )
+        started = time.perf_counter()
+        reply = self._call(Opcode.READ_SAMPLES, {} if k is None else {"k": int(k)})
+        self._record("read_samples", reply, started)
+        return reply["codes"] * self._user_per_code()
+
+    def set_noise(self, kappa0: float) -> None:
+        """Set the injected noise level kappa0 (volts^2), 0 <= kappa0 <= info.kappa0_max, until reset().
+
+        The stationary covariance of the array is then kappa0 * a^-1 in volts^2
+        (plus the Johnson noise of its parts, when the spec has it).  Raises
+        InvalidInputError on a device whose noise source is fixed (kappa0_max = 0).
+        """
+        self._check_open()
+        if isinstance(kappa0, bool) or not isinstance(kappa0, (int, float, np.integer, np.floating)):
+            raise InvalidInputError(f"kappa0 must be a number of volts^2, got {kappa0!r}")
+        kappa0 = float(kappa0)
+        if self.info.kappa0_max <= 0.0:
+            raise InvalidInputError(
+                f"the noise source of {self.info.name} is fixed at kappa0 = {self.info.kappa0:g} V^2"
+                " (noise.kappa0_max = 0 in its spec); use a device whose noise source can be turned up"
+            )
+        if not 0.0 <= kappa0 <= self.info.kappa0_max:
+            raise InvalidInputError(f"kappa0 = {kappa0!r} V^2 is outside [0, {self.info.kappa0_max:g}] of this device")
+        self._call(Opcode.SET_NOISE, {"kappa0": kappa0})
+        self._kappa0 = kappa0
+
+    @property
+    def noise_level(self) -> float:
+        """The injected noise level kappa0 now set (volts^2): the spec's at open and after reset()."""
+        return self._kappa0
+
+    def _user_per_code(self) -> float:
+        """User units per ADC code of the last run's readout: volts per code times the readout scale."""
+        return float(from_codes(np.ones(1), self.info.adc_bits, self.info.adc_range_v)[0]) * self._readout_scale
+
     def _to_user(self, codes: np.ndarray) -> np.ndarray:
+        if self._readout_scale is None:
+            raise DeviceStateError(
+                f"{self._label} holds a run this host did not make, so its scales are unknown;"
+                " load the matrix and vector and run again"
+            )
         volts = from_codes(codes, self.info.adc_bits, self.info.adc_range_v)
         return volts * self._readout_scale
 
@@ -323,6 +584,16 @@ class Device:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def _check_dense(self, n: int) -> None:
+        self._check_fits(n, "matrix A")
+        if n > self.info.max_dense_size:
+            size = self.info.max_dense_size
+            raise InvalidInputError(
+                f"matrix A has size {n}, more than the largest dense matrix of {self.info.name}, {size} x {size}"
+                " (coupling.max_dense_size); load a curvature J^T H J + damping I as driver.GGN(J, H, damping),"
+                " or use a larger device spec"
+            )
 
     def _check_fits(self, n: int, what: str) -> None:
         if n > self.info.cells:
@@ -371,6 +642,18 @@ def _choose_scale(natural: float, scale: float | None, what: str) -> float:
     return scale
 
 
+def _recording(record_cov: Any, record_samples: Any, sample_stride: Any) -> dict[str, int]:
+    """RUN's recording fields, checked: record_cov a bool, record_samples >= 0, sample_stride >= 1."""
+    if not isinstance(record_cov, (bool, np.bool_)):
+        raise InvalidInputError(f"record_cov must be True or False, got {record_cov!r}")
+    for value, what, low in ((record_samples, "record_samples", 0), (sample_stride, "sample_stride", 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise InvalidInputError(f"{what} must be an integer, got {value!r}")
+        if value < low:
+            raise InvalidInputError(f"{what} = {value} must be at least {low}")
+    return {"record_cov": int(record_cov), "record_samples": int(record_samples), "sample_stride": int(sample_stride)}
+
+
 def _option(value: str, enum: type, what: str) -> int:
     try:
         return int(enum[value])
@@ -379,5 +662,15 @@ def _option(value: str, enum: type, what: str) -> int:
         raise InvalidInputError(f"{what} = {value!r} is not one of {allowed}") from None
 
 
-def _report(scale: float, q: Quantised) -> LoadReport:
-    return LoadReport(scale=scale, clipped=q.clipped, zeroed=q.zeroed, max_error=q.max_error)
+def _report(scale: float, q: Quantised, spent: DeviceTime) -> LoadReport:
+    return LoadReport(scale=scale, clipped=q.clipped, zeroed=q.zeroed, max_error=q.max_error, device_time=spent)
+
+
+def _device_time(reply: dict[str, Any]) -> DeviceTime:
+    """The ``hardware_time`` map of a reply as a DeviceTime (NaN where the device did not report)."""
+    reported = reply.get("hardware_time")
+    if not isinstance(reported, dict):
+        reported = {}
+    return DeviceTime(
+        **{name: float(reported.get(name, math.nan)) for name in ("link_s", "program_s", "analog_s", "convert_s")}
+    )

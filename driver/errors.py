@@ -8,9 +8,12 @@
     +-- DeviceBusyError: another host holds the device
     +-- SaturationError (also RuntimeError): the array hit a rail or ran away
     +-- ProtocolError: the device answered something the driver cannot read
+    +-- LinkError (also ConnectionError): a tcp:// link could not be made or dropped
+        +-- LinkTimeoutError (also TimeoutError): no reply within the timeout
 
 Every message says what was wrong, the value seen, and what to do.  A call
-that raises has changed nothing on the device.
+that raises has changed nothing on the device (a LinkError cannot tell: the
+command may have run before the link dropped).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ __all__ = [
     "DeviceBusyError",
     "SaturationError",
     "ProtocolError",
+    "LinkError",
+    "LinkTimeoutError",
 ]
 
 
@@ -66,3 +71,14 @@ class SaturationError(SpuError, RuntimeError):
 
 class ProtocolError(SpuError):
     """The device's answer could not be understood."""
+
+
+class LinkError(SpuError, ConnectionError):
+    """The link to a tcp:// device could not be made, or it dropped.
+
+    The connection is closed; the next call on the same Device reconnects.
+    """
+
+
+class LinkTimeoutError(LinkError, TimeoutError):
+    """The device did not answer within the timeout; the connection was dropped."""

@@ -1,4 +1,5 @@
-"""One-call linear algebra on an SPU."""
+"""One-call linear algebra on an SPU: solve (the mean), inv and sample_gaussian (the second moments,
+``driver.sampling``)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import numpy as np
 
 from .device import Device, RunReport
 from .errors import SaturationError
+from .sampling import SamplingReport, inv, sample_gaussian
 
-__all__ = ["solve"]
+__all__ = ["solve", "inv", "sample_gaussian", "SamplingReport"]
 
 # after a step down, aim the largest node voltage at this fraction of the ADC range
 _TARGET_FILL = 0.7

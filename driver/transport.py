@@ -2,7 +2,8 @@
 
 A transport has one method that matters, ``request(opcode, payload) -> (status,
 payload)``, plus ``close()``.  The in-process transport hands the messages to an
-emulated device's firmware in this process; a socket transport serialises the
+emulated device's firmware in this process; the socket transport
+(:class:`driver.tcp.TcpTransport`, ``driver.open("tcp://HOST:PORT")``) serialises the
 same messages, so the driver has a single code path.
 """
 

@@ -8,6 +8,9 @@ each ADC conversion draws one normal per cell, in cell order, when the ADC is no
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 from numba import njit
 
@@ -72,14 +75,20 @@ def _run_rc(
     rng,
     acc,
     work,
+    cov_acc,
+    snapshots,
+    snapshot_stride,
 ):
     """Euler-Maruyama on dV = (force - drift @ V) dt + noise_sd * sqrt(dt) * N(0, 1).
 
     drift: (n, n) M = C^-1 a; force: (n,) C^-1 (gin u + gtot v_os); noise_sd: (n,)
     sqrt(2 kappa_i) / c_i, volts per sqrt(tau); state: (n,) volts, updated in place.
     rail_v <= 0 means no rails.  Every ``steps_per_sample`` steps from
-    ``first_sample_step`` on, each cell is converted and its code added to ``acc``.
-    Cost O(n_steps * n^2).  Returns (steps, samples, saturated, clipped, runaway).
+    ``first_sample_step`` on, each cell is converted and its code added to ``acc``;
+    the conversions are also recorded into ``cov_acc`` and ``snapshots`` as
+    :func:`_record` says (size-0 arrays: off, at no cost).
+    Cost O(n_steps * n^2), plus O(n^2) per conversion when cov_acc is on.
+    Returns (steps, samples, saturated, clipped, runaway).
     """
     n = state.shape[0]
     step_sd = noise_sd * np.sqrt(dt)
@@ -87,6 +96,8 @@ def _run_rc(
     for i in range(n):
         if step_sd[i] != 0.0:
             noisy = True
+    recording = cov_acc.shape[0] > 0 or snapshots.shape[0] > 0
+    codes = np.empty(n if recording else 0)
     samples = 0
     clipped = 0
     saturated = False
@@ -124,4 +135,179 @@ def _run_rc(
                 )
                 acc[i] += code
                 clipped += clip
+                if recording:
+                    codes[i] = code
+            if recording:
+                _record(codes, samples - 1, cov_acc, snapshots, snapshot_stride)
     return n_steps, samples, saturated, clipped, False
+
+
+@njit(cache=True)
+def _record(codes, index, cov_acc, snapshots, snapshot_stride):
+    """Record conversion number ``index`` (0-based within the run's window) of every cell.
+
+    cov_acc: (n, n) gets codes codes^T added (the on-device second-moment accumulator),
+    or (0, 0) for off.  snapshots: (k, n) keeps conversion (j + 1) * snapshot_stride - 1
+    as row j for j < k (the snapshot buffer: the stride-th, 2 stride-th, ... conversion
+    after burn-in), or (0, n) for off.  No random draws.  Cost O(n^2) with cov_acc, else O(n).
+    """
+    n = codes.shape[0]
+    if cov_acc.shape[0] > 0:
+        for i in range(n):
+            ci = codes[i]
+            for j in range(n):
+                cov_acc[i, j] += ci * codes[j]
+    if snapshots.shape[0] > 0 and (index + 1) % snapshot_stride == 0:
+        row = (index + 1) // snapshot_stride - 1
+        if row < snapshots.shape[0]:
+            for i in range(n):
+                snapshots[row, i] = codes[i]
+
+
+@njit(cache=True)
+def _run_ggn(
+    j,
+    h,
+    jt,
+    damping,
+    inv_c,
+    force,
+    noise_sd,
+    state,
+    dt,
+    n_steps,
+    steps_per_sample,
+    first_sample_step,
+    rail_v,
+    adc_gain,
+    adc_offset_v,
+    adc_noise_v,
+    adc_lsb,
+    adc_code_max,
+    rng,
+    acc,
+    work,
+    cov_acc,
+    snapshots,
+    snapshot_stride,
+    stage1,
+    stage2,
+):
+    """Euler-Maruyama on the structured array of a GGN load (TNGD App. C), never forming n x n:
+
+        dV = (force - M V) dt + noise_sd * sqrt(dt) * N(0, 1),   M V = inv_c * (jt^T (h (j V)) + damping * V)
+
+    j: (m, n) J array conductances in g0 (stage 1: y = j V, volts); h: (m, m) H array (stage 2:
+    z = h y); jt: (m, n) the J^T array in J's orientation (cell i receives sum_k jt[k, i] z_k);
+    damping: (n,) each cell's damping conductance; inv_c: (n,) 1 / c_i; stage1, stage2: (m,)
+    scratch arrays for the two stages.  Everything else (force, noise_sd, rails, the ADC, the
+    accumulators, the draw order and the return value) is as in ``_run_rc``.
+    Cost O(n_steps * n * m), plus what recording costs as in ``_run_rc``.
+    """
+    n = state.shape[0]
+    step_sd = noise_sd * np.sqrt(dt)
+    noisy = False
+    for i in range(n):
+        if step_sd[i] != 0.0:
+            noisy = True
+    recording = cov_acc.shape[0] > 0 or snapshots.shape[0] > 0
+    codes = np.empty(n if recording else 0)
+    samples = 0
+    clipped = 0
+    saturated = False
+    for step in range(1, n_steps + 1):
+        np.dot(j, state, stage1)
+        np.dot(h, stage1, stage2)
+        np.dot(stage2, jt, work)
+        runaway = False
+        for i in range(n):
+            v = state[i] + dt * (force[i] - inv_c[i] * (work[i] + damping[i] * state[i]))
+            if noisy:
+                v += step_sd[i] * rng.standard_normal()
+            if rail_v > 0.0:
+                if v > rail_v:
+                    v = rail_v
+                    saturated = True
+                elif v < -rail_v:
+                    v = -rail_v
+                    saturated = True
+            elif not abs(v) < RUNAWAY_V:
+                runaway = True
+            state[i] = v
+        if runaway:
+            return step, samples, saturated, clipped, True
+        if step >= first_sample_step and step % steps_per_sample == 0:
+            samples += 1
+            for i in range(n):
+                code, clip = _adc_convert(
+                    state[i], adc_gain[i], adc_offset_v[i], adc_noise_v, adc_lsb, adc_code_max, rng
+                )
+                acc[i] += code
+                clipped += clip
+                if recording:
+                    codes[i] = code
+            if recording:
+                _record(codes, samples - 1, cov_acc, snapshots, snapshot_stride)
+    return n_steps, samples, saturated, clipped, False
+
+
+# The GGN arrays are scanned and programmed a range of columns at a time: each call is serial and
+# releases the GIL, and ``in_column_ranges`` runs the ranges on a few threads.  (numba's own parallel
+# layers are not safe in a forked or threaded server.)  Results do not depend on the number of threads.
+_TILE = 512  # columns per inner block: the column sums of a block stay in cache
+
+
+@njit(cache=True, nogil=True)
+def _code_range(codes, start, stop):
+    """(smallest, largest, count of non-finite) of codes[:, start:stop] as float64.  One read; no draws."""
+    lo = np.inf
+    hi = -np.inf
+    count = 0
+    for k in range(codes.shape[0]):
+        for i in range(start, stop):
+            v = float(codes[k, i])
+            if not np.isfinite(v):
+                count += 1
+                continue
+            if v < lo:
+                lo = v
+            if v > hi:
+                hi = v
+    return lo, hi, count
+
+
+@njit(cache=True, nogil=True)
+def _program_array(codes, start, stop, unit, mismatch, out, abs_sums, square_sums):
+    """Columns start:stop of out = codes * unit (* mismatch when it is not empty), the conductances of a
+    GGN array (m, n) as ``converters.element_conductances`` computes them, with the column sums of |out|
+    and out^2 into abs_sums and square_sums (n,).  One pass; no random draws."""
+    m = codes.shape[0]
+    mismatched = mismatch.shape[0] > 0
+    for block in range(start, stop, _TILE):
+        end = min(block + _TILE, stop)
+        for i in range(block, end):
+            abs_sums[i] = 0.0
+            square_sums[i] = 0.0
+        for k in range(m):
+            for i in range(block, end):
+                a = float(codes[k, i]) * unit
+                if mismatched:
+                    a *= mismatch[k, i]
+                out[k, i] = a
+                abs_sums[i] += abs(a)
+                square_sums[i] += a * a
+
+
+def in_column_ranges(kernel, array, *args):
+    """``kernel(array, start, stop, *args)`` over ranges of columns that cover array (m, n), on up to one
+    thread per CPU when the array is large (about a million elements or more per thread); a fresh pool
+    each call, so no thread outlives it.  Returns the results in column order."""
+    m, n = array.shape
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(1, min(cpus, (m * n) >> 20, n))
+    if workers == 1:
+        return [kernel(array, 0, n, *args)]
+    bounds = [n * w // workers for w in range(workers + 1)]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        calls = [pool.submit(kernel, array, bounds[w], bounds[w + 1], *args) for w in range(workers)]
+        return [call.result() for call in calls]

@@ -28,7 +28,7 @@ def check_codes(codes: np.ndarray, bits: int, full_scale: float, what: str) -> s
         if codes.dtype.kind not in "iu":
             return f"{what} codes must be integers for a {bits}-bit part, got dtype {codes.dtype}"
         limit = code_max(bits)
-        worst = int(np.abs(codes).max()) if codes.size else 0
+        worst = max(int(codes.max()), -int(codes.min())) if codes.size else 0  # no |codes| temporary
         if worst > limit:
             return f"{what} code {worst} is outside +-{limit} of a {bits}-bit part"
         return None
@@ -36,7 +36,7 @@ def check_codes(codes: np.ndarray, bits: int, full_scale: float, what: str) -> s
         return f"{what} values must be float64 for a continuous part, got dtype {codes.dtype}"
     if not np.all(np.isfinite(codes)):
         return f"{what} values must be finite"
-    worst = float(np.abs(codes).max()) if codes.size else 0.0
+    worst = max(float(codes.max()), -float(codes.min())) if codes.size else 0.0
     if worst > full_scale:
         return f"{what} value {worst:g} is outside the full scale +-{full_scale:g}"
     return None

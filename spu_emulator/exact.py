@@ -32,6 +32,12 @@ Two forms, chosen once per programmed matrix by :func:`prepare`:
 - "general": any stable M (mismatch makes it non-symmetric and non-normal) and
   any diagonal D.  O(n^3) once (Lyapunov), O(n^3) per run (matrix exponentials
   and a 2n x 2n Cholesky factor), still independent of t.
+- "lowrank" (:class:`LowRankModel`, from :func:`prepare_ggn`): a GGN array
+  M = gamma (J^T H J + d I) without mismatch and with equal noise per cell (TNGD
+  App. C).  Its modes are the range of J^T H J (at most m of them, found from
+  m x m matrices) and a complement with the single rate gamma d, handled as one
+  scalar OU process projected off those modes.  O(N m^2 + m^3) once, O(N m) per
+  run; N x N is never formed.
 
 ADC treatment (done by the firmware): per-cell gain and offset errors are linear
 and exact; ADC input noise adds N(0, noise_v^2 / K) to the mean, exactly.
@@ -47,12 +53,12 @@ within reach.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.linalg
 
-__all__ = ["LinearModel", "prepare", "propagate", "window"]
+__all__ = ["LinearModel", "LowRankModel", "prepare", "prepare_ggn", "propagate", "window"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,22 @@ class LinearModel:
         phi = self.transition(period)
         sigma = self.stationary_cov
         return np.diag(sigma - phi @ sigma @ phi.T).copy()
+
+    # the three checks of the firmware's engine choice; exact here, bounds in LowRankModel
+    def stationary_var_upper(self) -> np.ndarray:
+        """Per cell, an upper bound of the stationary variance (here diag(Sigma) itself), volts^2."""
+        return self.stationary_var
+
+    def fresh_var_lower(self, period: float) -> np.ndarray:
+        """Per cell, a lower bound of the fresh variance per sample (here diag(Q) itself), volts^2."""
+        return self.fresh_var(period)
+
+    def reach(self, state: np.ndarray, target: np.ndarray) -> np.ndarray:
+        """Per cell, a bound on |V_i| along the mean path from ``state`` to ``target`` (contractive M).
+
+        ||e^{-M t} d|| <= ||d|| for all t when M is contractive, so |target_i| + ||state - target||.
+        """
+        return np.abs(target) + float(np.linalg.norm(state - target))
 
 
 def prepare(drift: np.ndarray, noise_sd: np.ndarray) -> LinearModel:
@@ -189,10 +211,45 @@ def propagate(
     tail = t - m1 * period if count else t - head
     if model.form == "modal":
         total, final = _propagate_modal(model, state - fixed_point, head, count, period, tail, rng)
+    elif model.form == "lowrank":
+        total, final = _propagate_lowrank(model, state - fixed_point, head, count, period, tail, rng)
     else:
         total, final = _propagate_general(model, state - fixed_point, head, count, period, tail, rng)
     mean = fixed_point + total / count if count else fixed_point.copy()
     return mean, fixed_point + final, count
+
+
+def _hop_coefficients(lam, s2, h):
+    """Scalar OU of rates lam over a time h: y -> decay y + sd z.  sd is None without noise."""
+    decay = np.exp(-lam * h)
+    sd = np.sqrt(s2 * -np.expm1(-2.0 * lam * h) / (2.0 * lam)) if s2 > 0.0 else None
+    return decay, sd
+
+
+def _window_coefficients(lam, s2, period, count):
+    """Scalar OU of rates lam sampled K = count times at spacing period, from y at the window's start.
+
+    (sum of the samples, last sample) = (mean_sum y + l11 z1, mean_last y + l21 z1 + l22 z2), z1, z2
+    independent standard normals; the l's are None without noise.
+    """
+    phi = np.exp(-lam * period)
+    one_minus = -np.expm1(-lam * period)  # 1 - phi, accurate when lam * period is small
+    phi_k = phi**count
+    a0 = -np.expm1(-lam * (period * count)) / one_minus  # sum_{m<K} phi^m
+    mean_sum = phi * a0
+    mean_last = phi_k
+    if s2 <= 0.0:
+        return mean_sum, mean_last, None, None, None
+    q = s2 * -np.expm1(-2.0 * lam * period) / (2.0 * lam)
+    geo2 = np.expm1(-2.0 * lam * (period * count)) / np.expm1(-2.0 * lam * period)  # sum_{m<K} phi^2m
+    # Cov(sum) = q / (1 - phi)^2 * sum_{m=1..K} (1 - phi^m)^2
+    var_sum = q / one_minus**2 * (count - 2.0 * phi * a0 + phi**2 * geo2)
+    cov = q / one_minus * (a0 - phi * geo2)
+    var_last = q * geo2
+    l11 = np.sqrt(np.maximum(var_sum, 0.0))
+    l21 = np.divide(cov, l11, out=np.zeros_like(cov), where=l11 > 0.0)
+    l22 = np.sqrt(np.maximum(var_last - l21**2, 0.0))
+    return mean_sum, mean_last, l11, l21, l22
 
 
 def _propagate_modal(model, d0, head, count, period, tail, rng):
@@ -201,36 +258,21 @@ def _propagate_modal(model, d0, head, count, period, tail, rng):
     y = model.modes.T @ d0
 
     def hop(y, h):
-        decay = np.exp(-lam * h)
-        sd = np.sqrt(s2 * -np.expm1(-2.0 * lam * h) / (2.0 * lam)) if s2 > 0.0 else 0.0
+        decay, sd = _hop_coefficients(lam, s2, h)
         return decay * y + sd * rng.standard_normal(lam.shape[0]) if s2 > 0.0 else decay * y
 
     y = hop(y, head)
     total = np.zeros_like(y)
     if count:
-        phi = np.exp(-lam * period)
-        one_minus = -np.expm1(-lam * period)  # 1 - phi, accurate when lam * period is small
-        phi_k = phi**count
-        a0 = -np.expm1(-lam * (period * count)) / one_minus  # sum_{m<K} phi^m
-        mean_sum = phi * a0 * y
-        mean_last = phi_k * y
+        mean_sum, mean_last, l11, l21, l22 = _window_coefficients(lam, s2, period, count)
         if s2 > 0.0:
-            q = s2 * -np.expm1(-2.0 * lam * period) / (2.0 * lam)
-            geo2 = np.expm1(-2.0 * lam * (period * count)) / np.expm1(-2.0 * lam * period)  # sum_{m<K} phi^2m
-            # Cov(sum) = q / (1 - phi)^2 * sum_{m=1..K} (1 - phi^m)^2
-            var_sum = q / one_minus**2 * (count - 2.0 * phi * a0 + phi**2 * geo2)
-            cov = q / one_minus * (a0 - phi * geo2)
-            var_last = q * geo2
             z1 = rng.standard_normal(lam.shape[0])
             z2 = rng.standard_normal(lam.shape[0])
-            l11 = np.sqrt(np.maximum(var_sum, 0.0))
-            l21 = np.divide(cov, l11, out=np.zeros_like(cov), where=l11 > 0.0)
-            l22 = np.sqrt(np.maximum(var_last - l21**2, 0.0))
-            total = mean_sum + l11 * z1
-            y = mean_last + l21 * z1 + l22 * z2
+            total = mean_sum * y + l11 * z1
+            y = mean_last * y + l21 * z1 + l22 * z2
         else:
-            total = mean_sum
-            y = mean_last
+            total = mean_sum * y
+            y = mean_last * y
     y = hop(y, tail)
     return model.modes @ total, model.modes @ y
 
@@ -285,3 +327,216 @@ def _gaussian(cov: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     except np.linalg.LinAlgError:
         values, vectors = np.linalg.eigh(cov)
         return vectors @ (np.sqrt(np.clip(values, 0.0, None)) * z)
+
+
+# --------------------------------------------------------------------------- structured (GGN) arrays
+@dataclass(frozen=True)
+class LowRankModel:
+    """The exact engine's view of a GGN array without mismatch (TNGD App. C); N x N is never formed.
+
+    The drift is M = beta I + gamma j^T h j with j (m, N) the J array (the J^T array is its exact
+    transpose), h (m, m) symmetric positive semi-definite, gamma = 1 / c and beta = gamma times the
+    damping conductance, every cell alike.  With h = B B^T (a Cholesky factor, or from eigh(h) when h
+    is singular) and
+    B^T G B = P diag(mu) P^T, G = j j^T (m x m), the columns of W = j^T A, A = B P diag(mu^-1/2)
+    over the mu > 0, are orthonormal eigenvectors of M with rates beta + gamma mu; on the rest of
+    the space (the complement of range(W)) M acts as beta.  A function of M is then
+
+        f(M) x = f(beta) x + W (f(rates) - f(beta)) W^T x,
+
+    O(N m) per vector, and numerically sound even where mu is small (the error of W's normalisation
+    there is multiplied by f(rates) - f(beta), which is as small).  When W spans the whole space
+    (m >= N) any base rate gives the same f(M); beta is kept (for the same soundness) unless it is not
+    positive, when the largest rate stands in.
+
+    coefs: A (m, r); rates: (r,); base_rate: beta (the largest rate when the complement is empty
+    and beta <= 0); complement: N - r; noise_level: the cells' common noise_sd (V / sqrt(tau));
+    diagonal_bound: (N,) an upper bound of M_ii, beta + gamma ||h||_2 |j[:, i]|^2.
+    """
+
+    j: np.ndarray
+    coefs: np.ndarray
+    rates: np.ndarray
+    base_rate: float
+    complement: int
+    noise_level: float
+    stable: bool
+    rate_max: float
+    rate_min: float
+    diagonal_bound: np.ndarray
+    form: str = "lowrank"
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def contractive(self) -> bool:
+        """M is symmetric, so contractive exactly when stable."""
+        return self.stable
+
+    @property
+    def n(self) -> int:
+        return self.j.shape[1]
+
+    def project(self, x: np.ndarray) -> np.ndarray:
+        """W^T x for x (N,) or (N, k).  Cost O(N m k)."""
+        return self.coefs.T @ (self.j @ x)
+
+    def expand(self, y: np.ndarray) -> np.ndarray:
+        """W y for y (r,) or (r, k).  Cost O(N m k)."""
+        return self.j.T @ (self.coefs @ y)
+
+    def apply(self, values: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """f(M) x given values = f at (base_rate, *rates), a vector of r + 1.  Cost O(N m)."""
+        return values[0] * x + self.expand((values[1:] - values[0]) * self.project(x))
+
+    def all_rates(self) -> np.ndarray:
+        """(base_rate, *rates): the rates a function of M is evaluated at."""
+        return np.concatenate(([self.base_rate], self.rates))
+
+    def fixed_point(self, force: np.ndarray) -> np.ndarray:
+        """V* = M^-1 f.  Cost O(N m), once per force array (the engine choice and the run share it)."""
+        if self._memo.get("force") is not force:
+            self._memo.update(force=force, target=self.apply(1.0 / self.all_rates(), force))
+        return self._memo["target"]
+
+    def stationary_var_upper(self) -> np.ndarray:
+        """Per cell, an upper bound of the stationary variance: s^2 / (2 rate_min).  O(N)."""
+        return np.full(self.n, self.noise_level**2 / (2.0 * self.rate_min))
+
+    def fresh_var_lower(self, period: float) -> np.ndarray:
+        """Per cell, a lower bound of the fresh variance per sample, volts^2.  O(N).
+
+        The fresh variance is diag q(M) with q(x) = s^2 (1 - e^{-2 x period}) / (2 x), convex and
+        decreasing, so by Jensen's inequality in the eigenbasis q(M)_ii >= q(M_ii) >= q(bound_i).
+        """
+        x = np.minimum(self.diagonal_bound, self.rate_max)
+        return self.noise_level**2 * -np.expm1(-2.0 * x * period) / (2.0 * x)
+
+    def reach(self, state: np.ndarray, target: np.ndarray) -> np.ndarray:
+        """Per cell, a bound on |V_i| along the mean path from ``state`` to ``target``.  O(N m).
+
+        V(t) = (V* + e^{-beta t} c) + W e^{-rates t} y with y = W^T d and c = d - W y, d = V(0) - V*.
+        The first term is affine in e^{-beta t} in [0, 1], so at most max(|V*_i|, |V*_i + c_i|); the
+        second at most ||y|| (the rows of W have norm at most 1).
+        """
+        d = state - target
+        y = self.project(d)
+        c = d - self.expand(y)
+        return np.maximum(np.abs(target), np.abs(target + c)) + float(np.linalg.norm(y))
+
+
+def prepare_ggn(
+    j: np.ndarray,
+    h: np.ndarray,
+    damping: np.ndarray,
+    inv_c: np.ndarray,
+    noise_sd: np.ndarray,
+    column_norms: np.ndarray | None = None,
+) -> tuple[LowRankModel | None, str]:
+    """Analyse a GGN array for the exact engine: j (m, N) J array (its J^T array the exact transpose),
+    h (m, m) H array, damping (N,) damping conductances, inv_c (N,) 1 / c_i, noise_sd (N,);
+    column_norms (N,) sum_k j[k, i]^2 when the caller has it (else computed, one pass over j).
+
+    Returns (model, "") or (None, why) when the array has no exact low-rank form: the cells must be
+    alike (capacitance, damping, noise) and h symmetric positive semi-definite.  Cost O(N m^2 + m^3).
+    """
+    m, n = j.shape
+    if not (np.all(inv_c == inv_c[0]) and np.all(damping == damping[0]) and np.all(noise_sd == noise_sd[0])):
+        return None, (
+            "its cells differ (capacitance or damping-element mismatch, or Johnson noise that depends on each"
+            " cell's conductance)"
+        )
+    if not np.array_equal(h, h.T):
+        return None, "its H array is not symmetric"
+    try:  # h = root root^T: a Cholesky factor when h is positive definite, else from eigh
+        root = np.linalg.cholesky(h)
+        h_top = min(float(np.linalg.norm(h)), float(np.abs(h).sum(axis=1).max()))  # >= ||h||_2
+    except np.linalg.LinAlgError:
+        h_values, h_vectors = np.linalg.eigh(h)
+        top = float(np.abs(h_values).max())
+        if h_values[0] < -1e-10 * top:
+            return None, (
+                f"its H array is not positive semi-definite (eigenvalue {h_values[0]:.3g} against {top:.3g});"
+                " driver.GGN loads keep H's codes positive semi-definite"
+            )
+        h_values = np.clip(h_values, 0.0, None)
+        root = h_vectors * np.sqrt(h_values)
+        h_top = float(h_values[-1])
+    gram = j @ j.T
+    inner = root.T @ gram @ root
+    mu, rotation = np.linalg.eigh(0.5 * (inner + inner.T))
+    top_mu = float(mu[-1]) if m else 0.0
+    keep = np.flatnonzero(mu > m * np.finfo(float).eps * top_mu) if top_mu > 0.0 else np.zeros(0, dtype=int)
+    keep = keep[-n:]  # at most N modes in N dimensions
+    coefs = (root @ rotation[:, keep]) / np.sqrt(mu[keep])
+    gamma = float(inv_c[0])
+    beta = gamma * float(damping[0])
+    rates = beta + gamma * mu[keep]
+    complement = n - keep.size
+    present = list(rates) + ([beta] if complement else [])
+    rate_min, rate_max = float(min(present)), float(max(present))
+    if column_norms is None:
+        column_norms = np.einsum("ki,ki->i", j, j)
+    return (
+        LowRankModel(
+            j=j,
+            coefs=coefs,
+            rates=rates,
+            # beta even with an empty complement: then f(rates) - f(beta) is small wherever mu is
+            base_rate=beta if complement or beta > 0.0 else rate_max,
+            complement=complement,
+            noise_level=float(noise_sd[0]),
+            stable=rate_min > 0.0,
+            rate_max=rate_max,
+            rate_min=rate_min,
+            diagonal_bound=beta + gamma * h_top * column_norms,
+        ),
+        "",
+    )
+
+
+def _propagate_lowrank(model, d0, head, count, period, tail, rng):
+    """As _propagate_modal, with the complement a single scalar OU projected off the modes.
+
+    Draw order: when noisy, N normals for the head hop, then N for z1 and N for z2 of the window (when
+    it has samples), then N for the tail hop.  Every vector on the way is kept as x a + W b, x the
+    (N, k) matrix of d0 and the draws, so J is read twice in all: once to project x, once to expand
+    the two results.
+    """
+    lam = model.all_rates()
+    s2 = model.noise_level**2
+    n = d0.shape[0]
+    noisy = s2 > 0.0
+    columns = [d0]
+    if noisy:
+        columns += [rng.standard_normal(n) for _ in range(4 if count else 2)]
+    x = np.column_stack(columns)
+    y = model.project(x)
+    basis = np.eye(len(columns))
+    zero = np.zeros(model.rates.shape[0])
+
+    def apply(values, vector):
+        """f(M) v for v = x a + W b given as (a, b), values = f at (base_rate, *rates)."""
+        a, b = vector
+        return values[0] * a, values[1:] * b + (values[1:] - values[0]) * (y @ a)
+
+    def add(*vectors):
+        return sum(v[0] for v in vectors), sum(v[1] for v in vectors)
+
+    def hop(vector, h, column):
+        decay, sd = _hop_coefficients(lam, s2, h)
+        moved = apply(decay, vector)
+        return add(moved, apply(sd, (basis[column], zero))) if noisy else moved
+
+    d = hop((basis[0], zero), head, 1)
+    total = (np.zeros(len(columns)), zero)
+    if count:
+        mean_sum, mean_last, l11, l21, l22 = _window_coefficients(lam, s2, period, count)
+        if noisy:
+            z1, z2 = (basis[2], zero), (basis[3], zero)
+            total = add(apply(mean_sum, d), apply(l11, z1))
+            d = add(apply(mean_last, d), apply(l21, z1), apply(l22, z2))
+        else:
+            total, d = apply(mean_sum, d), apply(mean_last, d)
+    d = hop(d, tail, len(columns) - 1)
+    out = x @ np.column_stack((total[0], d[0])) + model.expand(np.column_stack((total[1], d[1])))
+    return out[:, 0], out[:, 1]

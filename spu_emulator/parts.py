@@ -14,12 +14,16 @@ import numpy as np
 
 from .spec import DeviceSpec
 
-__all__ = ["CellParts", "draw_cell_parts", "element_mismatch"]
+__all__ = ["CellParts", "GGNMismatch", "draw_cell_parts", "element_mismatch", "ggn_mismatch"]
 
 # spawn keys of the independent streams; never reuse or renumber one
 _CAPACITANCE, _INPUT_G, _OPAMP, _DAC_GAIN, _DAC_OFFSET, _ADC_GAIN, _ADC_OFFSET = range(7)
 _ELEMENTS = 100
+# the arrays of a GGN load (TNGD App. C): one stream per row of J, per column of J^T, per row of H
+_GGN_J, _GGN_JT, _GGN_H, _GGN_DAMPING = 101, 102, 103, 104
 NOISE_STREAM = 200
+# the inductor and damping resistor of each oscillator cell (drawn in spu_emulator.oscillator)
+INDUCTANCE_STREAM, DAMPING_STREAM = 300, 301
 
 
 def _stream(seed: np.random.SeedSequence, *key: int) -> np.random.Generator:
@@ -85,3 +89,41 @@ def element_mismatch(spec: DeviceSpec, seed: np.random.SeedSequence, n: int) -> 
     out *= sigma
     out += 1.0
     return out
+
+
+@dataclass(frozen=True)
+class GGNMismatch:
+    """Relative factors (1 + sigma eps) of the elements of a GGN load's arrays.
+
+    j: (m, n) of the J array (element (k, i) carries cell i into stage-1 output k); jt: (m, n) of the
+    J^T array, stored in J's orientation (element (k, i) carries stage-2 output k into cell i): separate
+    parts from J's, so the effective drift is not symmetric; h: (m, m) of the H array; damping: (n,) of
+    each cell's damping element.
+    """
+
+    j: np.ndarray
+    jt: np.ndarray
+    h: np.ndarray
+    damping: np.ndarray
+
+
+def ggn_mismatch(spec: DeviceSpec, seed: np.random.SeedSequence, m: int, n: int) -> GGNMismatch | None:
+    """Element mismatch of the J, J^T and H arrays and the damping diagonal for an (m, n) GGN load.
+
+    Row k of J, column k of J^T and row k of H each have their own stream, so an element is the same
+    part whatever m and n are programmed; O(m) streams in all.  None when mismatch is off.  Cost O(m n).
+    """
+    sigma = spec.coupling.mismatch
+    if sigma == 0.0:
+        return None
+
+    def rows(key: int, count: int, width: int) -> np.ndarray:
+        out = np.empty((count, width))
+        for k in range(count):
+            out[k] = _stream(seed, key, k).standard_normal(width)
+        out *= sigma
+        out += 1.0
+        return out
+
+    damping = 1.0 + sigma * _stream(seed, _GGN_DAMPING).standard_normal(n)
+    return GGNMismatch(j=rows(_GGN_J, m, n), jt=rows(_GGN_JT, m, n), h=rows(_GGN_H, m, m), damping=damping)

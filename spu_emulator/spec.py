@@ -65,6 +65,7 @@ class Timing:
     c0_farad: float = 1.0e-9
     max_run_time: float = 1.0e6
     link_rate_gbps: float = 1.0
+    program_row_s: float = 0.0
 
     @property
     def tau_s(self) -> float:
@@ -78,6 +79,8 @@ class Coupling:
     g_max: float = 1.0
     mismatch: float = 0.0
     input_conductance_mismatch: float = 0.0
+    max_dense_size: int = 1048576
+    max_ggn_rows: int = 1048576
 
 
 @dataclass(frozen=True)
@@ -87,8 +90,17 @@ class Cell:
 
 
 @dataclass(frozen=True)
+class Oscillator:
+    inductance: float = 1.0
+    inductance_mismatch: float = 0.0
+    damping: float = 2.0
+    damping_mismatch: float = 0.0
+
+
+@dataclass(frozen=True)
 class Noise:
     kappa0: float = 0.0
+    kappa0_max: float = 0.0
     johnson: bool = False
     temperature_k: float = 300.0
 
@@ -133,6 +145,7 @@ class DeviceSpec:
     timing: Timing = field(default_factory=Timing)
     coupling: Coupling = field(default_factory=Coupling)
     cell: Cell = field(default_factory=Cell)
+    oscillator: Oscillator = field(default_factory=Oscillator)
     noise: Noise = field(default_factory=Noise)
     dac: Dac = field(default_factory=Dac)
     adc: Adc = field(default_factory=Adc)
@@ -152,6 +165,7 @@ _SECTIONS = {
     "timing": Timing,
     "coupling": Coupling,
     "cell": Cell,
+    "oscillator": Oscillator,
     "noise": Noise,
     "dac": Dac,
     "adc": Adc,

@@ -60,20 +60,55 @@ class Outcome:
     runaway: bool
     state: np.ndarray
     acc: np.ndarray
+    cov_acc: np.ndarray | None = None  # the second-moment accumulator, when recorded
+    snapshots: np.ndarray | None = None  # the snapshot buffer, when recorded
+
+
+def reference_record(codes, index, cov_acc, snapshots, stride):
+    """Record conversion ``index`` (0-based): cov_acc += codes codes^T; row j of snapshots is
+    conversion (j + 1) * stride - 1.  Either may be None (off)."""
+    if cov_acc is not None:
+        cov_acc += np.outer(codes, codes)
+    if snapshots is not None and (index + 1) % stride == 0 and (index + 1) // stride - 1 < snapshots.shape[0]:
+        snapshots[(index + 1) // stride - 1] = codes
+
+
+def recording_buffers(n, cov_acc, snapshots):
+    """The kernel's arguments for the reference's optional buffers: size-0 arrays mean off."""
+    cov = np.zeros((0, 0)) if cov_acc is None else np.array(cov_acc, dtype=np.float64)
+    snaps = np.zeros((0, n)) if snapshots is None else np.array(snapshots, dtype=np.float64)
+    return cov, snaps
 
 
 def reference_run_rc(
-    drift, force, noise_sd, state, dt, n_steps, steps_per_sample, first_sample_step, rail_v, adc, rng, acc
+    drift,
+    force,
+    noise_sd,
+    state,
+    dt,
+    n_steps,
+    steps_per_sample,
+    first_sample_step,
+    rail_v,
+    adc,
+    rng,
+    acc,
+    cov_acc=None,
+    snapshots=None,
+    stride=1,
 ):
     """Euler-Maruyama V <- V + dt (force - drift V) + noise_sd sqrt(dt) z, one step at a time.
 
     Rails (rail_v > 0) clip V and set ``saturated``; without rails a step after which some
     |V_i| >= RUNAWAY_V (or is NaN) ends the run, the whole step done, with ``runaway``.  From
     ``first_sample_step`` on, every ``steps_per_sample``-th step converts each cell and
-    adds its code to ``acc``.
+    adds its code to ``acc``, and records it (:func:`reference_record`) into ``cov_acc`` and
+    ``snapshots`` when they are given.  Recording draws nothing.
     """
     v = np.array(state, dtype=np.float64)
     acc = np.array(acc, dtype=np.float64)
+    cov_acc = None if cov_acc is None else np.array(cov_acc, dtype=np.float64)
+    snapshots = None if snapshots is None else np.array(snapshots, dtype=np.float64)
     n = v.shape[0]
     step_sd = noise_sd * np.sqrt(dt)
     noisy = bool(np.any(step_sd != 0.0))
@@ -87,21 +122,37 @@ def reference_run_rc(
             saturated = saturated or bool(np.any(np.abs(v) > rail_v))
             v = np.clip(v, -rail_v, rail_v)
         elif not np.all(np.abs(v) < _kernels.RUNAWAY_V):
-            return Outcome(step, samples, saturated, clipped, True, v, acc)
+            return Outcome(step, samples, saturated, clipped, True, v, acc, cov_acc, snapshots)
         if step >= first_sample_step and step % steps_per_sample == 0:
             codes, c = reference_adc(v, adc.gain, adc.offset_v, adc.noise_v, adc.lsb, adc.code_max, rng)
             acc += codes
             clipped += c
+            reference_record(codes, samples, cov_acc, snapshots, stride)
             samples += 1
-    return Outcome(n_steps, samples, saturated, clipped, False, v, acc)
+    return Outcome(n_steps, samples, saturated, clipped, False, v, acc, cov_acc, snapshots)
 
 
 def kernel_run_rc(
-    drift, force, noise_sd, state, dt, n_steps, steps_per_sample, first_sample_step, rail_v, adc, rng, acc
+    drift,
+    force,
+    noise_sd,
+    state,
+    dt,
+    n_steps,
+    steps_per_sample,
+    first_sample_step,
+    rail_v,
+    adc,
+    rng,
+    acc,
+    cov_acc=None,
+    snapshots=None,
+    stride=1,
 ):
     """Call ``_kernels._run_rc`` on copies, the way the firmware does; same Outcome as the reference."""
     state = np.array(state, dtype=np.float64)
     acc = np.array(acc, dtype=np.float64)
+    cov, snaps = recording_buffers(state.shape[0], cov_acc, snapshots)
     steps, samples, saturated, clipped, runaway = _kernels._run_rc(
         drift,
         force,
@@ -120,8 +171,21 @@ def kernel_run_rc(
         rng,
         acc,
         np.empty(state.shape[0]),
+        cov,
+        snaps,
+        int(stride),
     )
-    return Outcome(int(steps), int(samples), bool(saturated), int(clipped), bool(runaway), state, acc)
+    return Outcome(
+        int(steps),
+        int(samples),
+        bool(saturated),
+        int(clipped),
+        bool(runaway),
+        state,
+        acc,
+        None if cov_acc is None else cov,
+        None if snapshots is None else snaps,
+    )
 
 
 # --------------------------------------------------------------------------- problems
@@ -161,6 +225,9 @@ class Case:
     first_sample_step: int = 1
     dt: float = 0.02
     adc_range_v: float = 0.5
+    record_cov: bool = False  # the second-moment accumulator
+    snapshots: int = 0  # rows of the snapshot buffer (0: off)
+    stride: int = 1
 
 
 CASES = [
@@ -178,6 +245,11 @@ CASES = [
     Case("blas-rails", n=50, noise="all", adc="quantised", rail_v=0.4, force_scale=3.0, n_steps=150, adc_range_v=0.3),
     Case("no-sample-after-burn-in", n=3, noise="all", adc="quantised", n_steps=100, first_sample_step=101),
     Case("first-sample-off-grid", n=3, noise="all", n_steps=100, steps_per_sample=7, first_sample_step=30),
+    # recording: the cov accumulator and the snapshot buffer (more rows than conversions: the rest stay as given)
+    Case("record-loop-quantised", n=5, noise="all", adc="quantised", steps_per_sample=3, record_cov=True, snapshots=7),
+    Case("record-snapshots-stride", n=4, noise="all", first_sample_step=20, snapshots=50, stride=4),
+    Case("record-blas-rails", n=30, noise="all", adc="quantised", rail_v=0.4, force_scale=3.0, n_steps=120,
+         adc_range_v=0.3, record_cov=True, snapshots=200, stride=1),
 ]
 
 
@@ -219,6 +291,14 @@ def assert_same(kernel, ref, *, exact_acc):
         np.testing.assert_array_equal(kernel.acc, ref.acc)
     else:
         np.testing.assert_allclose(kernel.acc, ref.acc, rtol=RTOL, atol=ATOL * max(ref.samples, 1))
+    assert (kernel.cov_acc is None) == (ref.cov_acc is None) and (kernel.snapshots is None) == (ref.snapshots is None)
+    if ref.cov_acc is not None:
+        if exact_acc:  # products of integer codes below 2^26: exact in float64
+            np.testing.assert_array_equal(kernel.cov_acc, ref.cov_acc)
+        else:
+            np.testing.assert_allclose(kernel.cov_acc, ref.cov_acc, rtol=RTOL, atol=ATOL * max(ref.samples, 1))
+    if ref.snapshots is not None:
+        np.testing.assert_allclose(kernel.snapshots, ref.snapshots, rtol=RTOL, atol=ATOL)
 
 
 # --------------------------------------------------------------------------- tests
@@ -231,11 +311,19 @@ def test_run_rc_matches_reference(case):
     rng_kernel, rng_ref = np.random.default_rng(seed), np.random.default_rng(seed)
     fresh = rng_kernel.bit_generator.state
 
-    kernel = kernel_run_rc(*args, case.rail_v, adc, rng_kernel, acc)
-    ref = reference_run_rc(*args, case.rail_v, adc, rng_ref, acc)
+    # buffers start non-zero: the kernel adds to the accumulator, and leaves snapshot rows it does not reach
+    cov = np.full((case.n, case.n), 3.0) if case.record_cov else None
+    snaps = np.full((case.snapshots, case.n), np.nan) if case.snapshots else None
+    record = (cov, snaps, case.stride)
+
+    kernel = kernel_run_rc(*args, case.rail_v, adc, rng_kernel, acc, *record)
+    ref = reference_run_rc(*args, case.rail_v, adc, rng_ref, acc, *record)
 
     assert_same(kernel, ref, exact_acc=case.adc == "quantised")
     assert rng_kernel.bit_generator.state == rng_ref.bit_generator.state
+    if case.snapshots:
+        kept = min(case.snapshots, ref.samples // case.stride)
+        assert 0 < kept and np.all(np.isnan(ref.snapshots[kept:])) and np.all(np.isfinite(ref.snapshots[:kept]))
     # the case exercises what its name says
     expected_samples = sum(
         1 for s in range(1, case.n_steps + 1) if s >= case.first_sample_step and s % case.steps_per_sample == 0

@@ -26,7 +26,7 @@ from spu_emulator.spec import DeviceSpec, SpecError, load_spec, read_yaml, spec_
 ROOT = Path(__file__).resolve().parent.parent
 SPEC_DIR = ROOT / "firmware_spec"
 SCHEMA = read_yaml((SPEC_DIR / "schema.yaml").read_text())
-PRESETS = ["ideal", "spu-8", "tngd-sim"]
+PRESETS = ["ideal", "spu-8", "spu-8-lc", "tngd-sim"]
 SOURCE = "board.yaml"  # the name spec_from_mapping is told the mapping came from
 
 PROPERTY = settings(max_examples=40, deadline=None)
@@ -407,7 +407,8 @@ def test_tngd_sim_preset_is_the_papers_device():
     assert spec.timing.r0_ohm == 1000.0 and spec.timing.c0_farad == 1e-9
     assert spec.timing.tau_s == pytest.approx(1e-6)
     assert spec.timing.link_rate_gbps == 50.0
-    assert spec.cells.count >= 4096
+    assert spec.cells.count >= 2**20 and spec.coupling.max_ggn_rows >= 4096  # GGN loads up to N = 2^20, m = 4096
+    assert spec.coupling.max_dense_size == 4096
 
 
 # -- finding the YAML when installed ----------------------------------------------------------------------------
@@ -461,4 +462,4 @@ def test_non_editable_install_ships_the_yaml(tmp_path):
     assert found["driver"].startswith(str(target)) and found["spec"].startswith(str(target))
     assert {f"{name}.yaml" for name in PRESETS} | {"schema.yaml", "protocol.yaml"} <= set(found["names"])
     assert found["presets"] == PRESETS
-    assert found["cells"] == 4096
+    assert found["cells"] == 1048576  # tngd-sim: N up to 2^20 in a GGN load

@@ -1,0 +1,191 @@
+"""Per-iteration runtime of NGD solvers against TNGD: the TNGD paper's Fig. 2 on this machine.
+
+    python benchmarks/bench_ngd_runtime.py                        # N = 1e3 ... 1e5 at m = 32 x 20, then a d_z sweep
+    python benchmarks/bench_ngd_runtime.py --n 1000 3000 --sweep-dz   # smaller / no sweep
+
+One iteration solves the damped natural-gradient system (J^T H J + lambda I) x = g for a GGN with J (m, N),
+m = batch x d_z, and H = blockdiag(H_1, ..., H_B) / B, each H_b = diag(p_b) - p_b p_b^T the softmax Hessian
+of d_z random logits (the structure of a classification loss; PSD and singular).  Columns:
+
+    exact NGD      driver.ngd.solve_exact: lower triangle of F by BLAS syrk + dense Cholesky, O(N^2 m + N^3),
+                   one N x N array; skipped where that array does not fit in memory (or N > --max-exact-n)
+    NGD-CG         driver.ngd.solve_cg, c = 200 iterations of v -> J^T (H (J v)) + lambda v, O(c N m)
+    NGD-Woodbury   driver.ngd.solve_woodbury, the symmetric m x m Cholesky form, O(N m^2 + m^3)
+    TNGD emulated  host wall time of one warm TNGD step on the emulated tngd-sim device (GGN load, run, read),
+                   i.e. this emulator's cost: quantising J and H, the exact engine's O(N m^2 + m^3) analysis
+    TNGD estimated the device's own timing model for the same step on the hardware tngd-sim describes
+                   (16-bit codes over a 50 Gb/s link, rows programmed at 1 ns, t x tau of analog time, tau = 1 us)
+
+The digital solvers are measured (median of --repeats runs after one warm-up); TNGD steps are timed after a
+first step that initialises the device state.  Targets: emulated TNGD within 2x of NGD-Woodbury at every N,
+and the estimated TNGD time linear in N (a straight-line fit is printed with its largest relative residual).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import driver
+from driver import ngd
+from driver.tngd import TNGD
+
+DAMPING = 1e-3
+
+
+def problem(n: int, batch: int, d_z: int, seed: int = 0):
+    """g (N,), J (m, N) with rows of unit expected norm, H (m, m) block-diagonal softmax Hessians / batch."""
+    rng = np.random.default_rng(seed)
+    m = batch * d_z
+    J = rng.standard_normal((m, n)) / np.sqrt(n)
+    H = np.zeros((m, m))
+    for b in range(batch):
+        logits = rng.standard_normal(d_z)
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        H[b * d_z : (b + 1) * d_z, b * d_z : (b + 1) * d_z] = (np.diag(p) - np.outer(p, p)) / batch
+    g = rng.standard_normal(n) / np.sqrt(n)
+    return g, J, H
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up (BLAS threads, caches)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def available_bytes() -> float:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    return float("inf")
+
+
+def tngd_times(g, J, H, t_tau: float, repeats: int, seed: int):
+    """(median host wall time of a warm step, median estimated device time, breakdown of the last step, s)."""
+    rng = np.random.default_rng(seed + 1)
+    with driver.open("tngd-sim", seed=seed) as dev:
+        scale = dev.matrix_scale(driver.GGN(J, H, DAMPING))
+        opt = TNGD(dev, lr=1.0, damping=DAMPING, t=t_tau / scale)
+        opt.natural_gradient(g, J=J, H=H)  # initialises the state to g
+        walls, estimates = [], []
+        for _ in range(repeats):
+            start = len(dev.timeline)
+            grad = g + 0.1 * np.linalg.norm(g) / np.sqrt(g.size) * rng.standard_normal(g.size)
+            opt.natural_gradient(grad, J=J, H=H)
+            record = opt.last_record
+            walls.append(record.wall_time_s)
+            estimates.append(record.hardware_time_s)
+            breakdown = sum(call.device_time for call in dev.timeline[start:])
+    return statistics.median(walls), statistics.median(estimates), breakdown, scale
+
+
+def row(n, batch, d_z, args, memory):
+    g, J, H = problem(n, batch, d_z, args.seed)
+    m = batch * d_z
+    cells = {}
+    need = 8.0 * n * n
+    if n <= args.max_exact_n and need <= 0.6 * memory:
+        cells["exact"] = timed(lambda: ngd.solve_exact(g, DAMPING, J=J, H=H), 1 if n >= 10000 else args.repeats)
+    else:
+        cells["exact"] = f"skip {need / 1e9:.3g} GB" if need > 0.6 * memory else f"skip N>{args.max_exact_n:g}"
+    cells["cg"] = timed(lambda: ngd.solve_cg(g, DAMPING, J=J, H=H, iters=args.cg_iters), args.repeats)
+    cells["woodbury"] = timed(lambda: ngd.solve_woodbury(g, DAMPING, J=J, H=H), args.repeats)
+    wall, estimate, breakdown, scale = tngd_times(g, J, H, args.analog_tau, args.repeats, args.seed)
+    cells["tngd_wall"], cells["tngd_est"] = wall, estimate
+    cells["ratio"] = wall / cells["woodbury"]
+    cells["breakdown"], cells["m"] = breakdown, m
+    return cells
+
+
+def fmt(value) -> str:
+    if isinstance(value, str):
+        return value
+    if value >= 1.0:
+        return f"{value:.3g} s"
+    if value >= 1e-3:
+        return f"{value * 1e3:.3g} ms"
+    return f"{value * 1e6:.3g} us"
+
+
+HEADER = ("exact NGD", "NGD-CG", "NGD-Woodbury", "TNGD emulated", "TNGD estimated", "emul/Woodb")
+
+
+def print_table(title, key_name, rows):
+    print(f"\n{title}")
+    line = f"{key_name:>8} " + "".join(f"{h:>16}" for h in HEADER)
+    print(line)
+    print("-" * len(line))
+    for key, cells in rows:
+        values = [cells["exact"], cells["cg"], cells["woodbury"], cells["tngd_wall"], cells["tngd_est"]]
+        print(f"{key:>8} " + "".join(f"{fmt(v):>16}" for v in values) + f"{cells['ratio']:>15.2f}x")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=float, nargs="+", default=[1e3, 3e3, 1e4, 3e4, 1e5])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--dz", type=int, default=20)
+    parser.add_argument("--sweep-n", type=float, default=1e4, help="N of the d_z sweep")
+    parser.add_argument("--sweep-dz", type=int, nargs="*", default=[5, 10, 20, 40, 80], help="d_z values (none: skip)")
+    parser.add_argument("--cg-iters", type=int, default=200)
+    parser.add_argument("--analog-tau", type=float, default=10.0, help="analog run time per TNGD step, tau")
+    parser.add_argument("--max-exact-n", type=float, default=3e4, help="largest N for exact NGD (O(N^3))")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    memory = available_bytes()
+
+    print(
+        f"NGD runtime per iteration: lambda = {DAMPING:g}, CG c = {args.cg_iters}, TNGD on tngd-sim with"
+        f" {args.analog_tau:g} tau of analog time per step; {memory / 1e9:.0f} GB available"
+    )
+    print(f"python {sys.version.split()[0]}, numpy {np.__version__}")
+    rows = []
+    for n in args.n:
+        n = int(n)
+        cells = row(n, args.batch, args.dz, args, memory)
+        rows.append((n, cells))
+        print(f"  N = {n}: done", file=sys.stderr, flush=True)
+    print_table(f"batch {args.batch}, d_z {args.dz} (m = {args.batch * args.dz})", "N", rows)
+
+    ns = np.array([n for n, _ in rows], dtype=float)
+    est = np.array([cells["tngd_est"] for _, cells in rows])
+    if len(ns) >= 2:
+        slope, intercept = np.polyfit(ns, est, 1)
+        residual = np.max(np.abs(est - (slope * ns + intercept)) / est)
+        print(
+            f"\nTNGD estimated = {intercept * 1e6:.3g} us + N x {slope * 1e9:.4g} ns"
+            f" (largest relative residual of the straight-line fit: {residual:.2e})"
+        )
+    last = rows[-1][1]["breakdown"]
+    print(
+        f"estimated step at N = {int(ns[-1])}: link {fmt(last.link_s)}, programming {fmt(last.program_s)},"
+        f" analog {fmt(last.analog_s)}, conversion {fmt(last.convert_s)}"
+    )
+    worst = max(cells["ratio"] for _, cells in rows)
+    print(f"emulated TNGD / NGD-Woodbury: at most {worst:.2f}x (target: within 2x)")
+
+    if args.sweep_dz:
+        n = int(args.sweep_n)
+        sweep = []
+        for d_z in args.sweep_dz:
+            sweep.append((d_z, row(n, args.batch, d_z, args, memory)))
+            print(f"  d_z = {d_z}: done", file=sys.stderr, flush=True)
+        print_table(f"d_z sweep at N = {n}, batch {args.batch} (m = {args.batch} x d_z)", "d_z", sweep)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""TCP transport against in-process: round trip at N = 8 and bulk loading of a 1024 x 1024 matrix.
+
+    python benchmarks/bench_transport.py            # about half a minute
+    python benchmarks/bench_transport.py --quick    # smoke run, a few seconds
+
+The served device runs in its own process (``spu serve``, started here on a free
+loopback port and stopped with SIGTERM at the end), as it would in a
+hardware-in-the-loop setup; the in-process device is the same spec and seed in
+this process.  Both sides get the same calls through the same ``driver.Device``
+API, interleaved round by round so that load on the machine hits both alike.
+
+Rows:
+
+* round trip: ``load_vector(b)`` + ``run(t=10)`` + ``read_mean()`` at N = 8 on the
+  ideal preset and on spu-8 (every non-ideality on), matrix loaded once, default
+  engine "auto" (exact here), median over ``--repeats`` rounds; "+" is the median of
+  the per-round difference, what the link adds.  Target: TCP median <= 300 us.
+* one exchange: ``status()``, the smallest command, median; the link's floor.
+* bulk load: ``load_matrix(A)`` with A 1024 x 1024 on tngd-sim (16-bit element
+  codes, 4096 cells), sent as int64 codes: 8 MiB of payload per load.  The time
+  includes the driver's quantisation and the firmware's programming on both
+  sides; MB/s is payload bytes (1 MB = 1e6 bytes) over the median time.
+* bulk frame: the same 8 MiB LOAD_MATRIX frame through the transport to a device
+  it does not fit (spu-8, 8 cells): the codes are framed, sent, received,
+  checksummed and decoded into an array on the device, which then refuses them
+  on shape, so this row times the link alone.  Target: TCP >= 200 MB/s.
+  In-process the same call hands over a reference: its time is only the refusal's.
+
+The header prints the CPU count and load average: on a busy machine rerun, or raise
+``--repeats``; the wall-clock numbers include every scheduling delay.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")  # before numpy loads its BLAS; the server inherits it
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import driver  # noqa: E402
+from driver.protocol import Opcode, Status  # noqa: E402
+
+ROUND_TRIP_TARGET_US = 300.0
+BULK_TARGET_MBPS = 200.0
+SEED = 0
+
+
+@contextlib.contextmanager
+def served(spec: str) -> Iterator[str]:
+    """``spu serve SPEC`` in a subprocess on a free loopback port; yields its tcp:// address."""
+    command = [sys.executable, "-m", "driver.cli", "serve", spec, "--port", "0", "--seed", str(SEED)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    found: list[str] = []
+    ready = threading.Event()
+
+    def pump() -> None:
+        for line in process.stderr:
+            match = re.search(r"on (tcp://\S+)", line)
+            if match and not found:
+                found.append(match.group(1))
+                ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        if not ready.wait(120.0):
+            raise RuntimeError(f"`{' '.join(command)}` did not start listening within 120 s")
+        yield found[0]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10.0)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _spd(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """An SPD system (eigenvalues 1..2) whose solution stays inside spu-8's rails."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    a = q @ np.diag(np.linspace(2.0, 1.0, n)) @ q.T
+    return 0.5 * (a + a.T), 0.4 * a @ q[:, 0]
+
+
+def _interleaved(calls: dict[str, Callable[[], object]], rounds: int, warmup: int) -> dict[str, np.ndarray]:
+    """Seconds per call, the calls taking turns round by round; the first ``warmup`` rounds dropped."""
+    times = {name: [] for name in calls}
+    for round_ in range(warmup + rounds):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            elapsed = time.perf_counter() - started
+            if round_ >= warmup:
+                times[name].append(elapsed)
+    return {name: np.asarray(values) for name, values in times.items()}
+
+
+def _round_trip(dev: driver.Device, b: np.ndarray) -> Callable[[], object]:
+    def call() -> None:
+        dev.load_vector(b)
+        dev.run(10.0)
+        dev.read_mean()
+
+    return call
+
+
+def _bulk_frame(dev: driver.Device, codes: np.ndarray) -> Callable[[], object]:
+    def call() -> None:
+        status, _ = dev.transport.request(int(Opcode.LOAD_MATRIX), {"codes": codes})
+        assert status == Status.BAD_ARGUMENT  # decoded, then refused: 1024 > 8 cells
+
+    return call
+
+
+def _medians(times: dict[str, np.ndarray]) -> tuple[float, float]:
+    return float(np.median(times["in-process"])), float(np.median(times["tcp"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3000, help="round-trip rounds (default 3000)")
+    parser.add_argument("--bulk-repeats", type=int, default=9, help="bulk-load rounds (default 9)")
+    parser.add_argument("--quick", action="store_true", help="300 and 3 rounds: a smoke run")
+    args = parser.parse_args(argv)
+    repeats, bulk_repeats = (300, 3) if args.quick else (args.repeats, args.bulk_repeats)
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    print(
+        f"# {platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} CPUs,"
+        f" load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; server in its own process on loopback"
+    )
+    rows: list[tuple[str, str, str, str, str]] = []
+    a, b = _spd(8, 1)
+    codes = np.random.default_rng(2).integers(-32767, 32768, size=(1024, 1024), dtype=np.int64)
+    megabytes = codes.nbytes / 1e6
+
+    for spec in ("ideal", "spu-8"):
+        with served(spec) as url, driver.open(spec, seed=SEED) as local, driver.open(url, seed=SEED) as remote:
+            local.load_matrix(a)
+            remote.load_matrix(a)
+            times = _interleaved({"in-process": _round_trip(local, b), "tcp": _round_trip(remote, b)}, repeats, 50)
+            inproc, tcp = _medians(times)
+            added = float(np.median(times["tcp"] - times["in-process"]))
+            rows.append(
+                (
+                    f"round trip: load_vector + run(t=10) + read_mean, N=8, {spec} (median)",
+                    f"{inproc * 1e6:.0f} us",
+                    f"{tcp * 1e6:.0f} us (+{added * 1e6:.0f} us)",
+                    f"<= {ROUND_TRIP_TARGET_US:.0f} us",
+                    "PASS" if tcp * 1e6 <= ROUND_TRIP_TARGET_US else "MISS",
+                )
+            )
+            if spec != "spu-8":
+                continue
+            inproc, tcp = _medians(_interleaved({"in-process": local.status, "tcp": remote.status}, repeats, 50))
+            rows.append(("one exchange: status() (median)", f"{inproc * 1e6:.0f} us", f"{tcp * 1e6:.0f} us", "", ""))
+            # the bulk frame alone: 8 MiB of codes that spu-8 receives, checks, decodes, and refuses on shape
+            times = _interleaved(
+                {"in-process": _bulk_frame(local, codes), "tcp": _bulk_frame(remote, codes)}, bulk_repeats, 2
+            )
+            inproc, tcp = _medians(times)
+            rows.append(
+                (
+                    f"bulk frame: 1024x1024 int64 codes ({megabytes:.2f} MB) through the link (median)",
+                    f"{inproc * 1e6:.0f} us (no copy)",
+                    f"{megabytes / tcp:.0f} MB/s ({tcp * 1e3:.1f} ms)",
+                    f">= {BULK_TARGET_MBPS:.0f} MB/s",
+                    "PASS" if megabytes / tcp >= BULK_TARGET_MBPS else "MISS",
+                )
+            )
+
+    # bulk load on a device the matrix fits
+    big, _ = _spd(1024, 3)
+    with served("tngd-sim") as url, driver.open("tngd-sim", seed=SEED) as local, driver.open(url, seed=SEED) as remote:
+        times = _interleaved(
+            {"in-process": lambda: local.load_matrix(big), "tcp": lambda: remote.load_matrix(big)}, bulk_repeats, 1
+        )
+        inproc, tcp = _medians(times)
+        link = max(float(np.median(times["tcp"] - times["in-process"])), 1e-9)
+        rows.append(
+            (
+                f"bulk load: load_matrix 1024x1024 on tngd-sim ({megabytes:.2f} MB of codes, median)",
+                f"{megabytes / inproc:.0f} MB/s ({inproc * 1e3:.1f} ms)",
+                f"{megabytes / tcp:.0f} MB/s ({tcp * 1e3:.1f} ms)",
+                "",
+                "",
+            )
+        )
+        rows.append(
+            (
+                "  of which the link (tcp - in-process)",
+                "",
+                f"{megabytes / link:.0f} MB/s ({link * 1e3:.1f} ms)",
+                f">= {BULK_TARGET_MBPS:.0f} MB/s",
+                "PASS" if megabytes / link >= BULK_TARGET_MBPS else "MISS",
+            )
+        )
+
+    head = ("measurement", "in-process", "tcp", "target", "")
+    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
+    for row in [head, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

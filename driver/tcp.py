@@ -1,0 +1,207 @@
+"""The TCP transport: the same (opcode, payload) -> (status, payload) as in-process, over a socket.
+
+``driver.open("tcp://HOST:PORT")`` reaches a device served by ``spu serve`` (or a
+board that speaks ``firmware_spec/PROTOCOL.md``).  Frames are built and parsed by
+:mod:`spu_emulator.wire`, the protocol's reference codec: the one place the
+driver uses ``spu_emulator`` code, as a transport (DESIGN section 2).
+
+Timeouts: ``timeout`` seconds for the connection and for each reply (default
+protocol.yaml ``timing.client_timeout_s``; ``math.inf`` waits for ever).  A reply
+that does not come in time raises LinkTimeoutError, a dropped link LinkError; the
+connection is then closed and the next call reconnects.  On reconnection the
+transport checks with INFO that it reaches the same device (spec and seed); the
+device keeps its state across connections, so a warm start survives a dropped
+link.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import socket
+from typing import Any
+from urllib.parse import urlsplit
+
+# through a transport only: the wire codec is the protocol's reference implementation
+from spu_emulator import wire
+
+from .errors import DeviceClosedError, InvalidInputError, LinkError, LinkTimeoutError, ProtocolError
+from .protocol import Opcode, Status
+
+__all__ = ["TcpTransport", "open_tcp", "parse_url", "DEFAULT_TIMEOUT_S"]
+
+DEFAULT_TIMEOUT_S: float = wire.TIMING.client_timeout_s
+_CLOSE_WAIT_S = 2.0  # close() waits this long at most for the device to confirm it is free
+
+
+def parse_url(url: str) -> tuple[str, int]:
+    """(host, port) of ``tcp://HOST:PORT`` (IPv6 hosts in brackets)."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme != "tcp" or not parts.hostname or port is None or parts.path not in ("", "/"):
+        raise InvalidInputError(f"device address must be tcp://HOST:PORT, got {url!r}")
+    return parts.hostname, port
+
+
+class TcpTransport:
+    """A device at the other end of a TCP connection."""
+
+    def __init__(self, host: str, port: int, timeout: float | None = None):
+        if timeout is None:
+            timeout = DEFAULT_TIMEOUT_S
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise InvalidInputError(f"timeout must be a positive number of seconds (math.inf: none), got {timeout!r}")
+        self.host, self.port = host, port
+        self.timeout: float | None = None if math.isinf(timeout) else float(timeout)
+        self._sock: socket.socket | None = None
+        self._ids = itertools.count(1)
+        self._identity: tuple[Any, ...] | None = None
+        self._closed = False
+        self._connect()
+
+    @property
+    def url(self) -> str:
+        return f"tcp://[{self.host}]:{self.port}" if ":" in self.host else f"tcp://{self.host}:{self.port}"
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def _connect(self) -> None:
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        except TimeoutError:
+            raise LinkTimeoutError(
+                f"no answer from {self.url} within {self.timeout:g} s while connecting; is the device reachable?"
+            ) from None
+        except OSError as exc:
+            raise LinkError(
+                f"could not connect to {self.url}: {exc.strerror or exc}; is `spu serve` running there?"
+            ) from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
+        self._reader = wire.FrameReader(sock)
+
+    def _drop(self, graceful: bool = False) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            if graceful:
+                wire.close_gracefully(sock, _close_wait(self.timeout))
+            else:
+                sock.close()
+
+    def request(self, opcode: int, payload: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+        if self._closed:
+            raise DeviceClosedError(f"the link to {self.url} is closed; open the device again with driver.open()")
+        if self._sock is None:
+            self._connect()
+            if self._identity is not None and opcode != Opcode.INFO:
+                status, reply = self._exchange(Opcode.INFO, None)
+                if status != Status.OK:
+                    return status, reply  # BUSY most likely: the Device raises it
+        return self._exchange(opcode, payload)
+
+    def _exchange(self, opcode: int, payload: dict[str, Any] | None) -> tuple[int, dict[str, Any]]:
+        request_id = next(self._ids) & 0xFFFFFFFF
+        try:
+            frame = wire.encode_frame(wire.REQUEST, opcode, 0, request_id, payload)
+        except wire.EncodeError as exc:
+            raise InvalidInputError(f"request {_name(opcode)} cannot be sent: {exc}") from None
+        what = f"{_name(opcode)} to {self.url}"
+        try:
+            wire.send_frame(self._sock, frame, self.timeout)
+            header, body = self._reader.read(self.timeout, self.timeout)
+            reply = wire.open_frame(header, body, wire.REPLY)
+        except (TimeoutError, wire.LinkTimeout):
+            self._drop()
+            raise LinkTimeoutError(
+                f"no reply to {what} within {self.timeout:g} s; the connection was dropped (the device may still be"
+                " working on it); pass a larger timeout= to driver.open for long runs; the next call reconnects"
+            ) from None
+        except wire.LinkClosed as exc:
+            self._drop()
+            raise LinkError(
+                f"the device closed the connection during {what} ({exc}); the command may or may not have run;"
+                " the next call reconnects"
+            ) from None
+        except wire.FrameError as exc:
+            self._drop()
+            raise ProtocolError(f"unreadable reply to {what}: {exc}; the connection was dropped") from None
+        except OSError as exc:
+            self._drop()
+            raise LinkError(
+                f"the link to {self.url} failed during {_name(opcode)}: {exc.strerror or exc}; the next call reconnects"
+            ) from None
+        status = header.status
+        unreadable = status == Status.BAD_FRAME and header.request_id == 0  # the device could not read our header
+        if not unreadable and (header.opcode != opcode or header.request_id != request_id):
+            self._drop()
+            raise ProtocolError(
+                f"reply to {what} (request {request_id}) is for opcode {header.opcode}, request {header.request_id};"
+                " the connection was dropped"
+            )
+        if status == Status.BUSY:
+            self._drop()  # the device closes the connection after BUSY
+        elif status == Status.BAD_FRAME:
+            self._drop(graceful=True)  # start afresh (after a header error the device closes it anyway)
+        if status == Status.OK and opcode == Opcode.INFO:
+            self._check_identity(reply)
+        return status, reply
+
+    def _check_identity(self, reply: dict[str, Any]) -> None:
+        identity = (reply.get("seed_entropy"), reply.get("spec"))
+        if self._identity is None:
+            self._identity = identity
+        elif identity != self._identity:
+            self._drop()
+            raise LinkError(
+                f"reconnected to {self.url}, but it is another device now (spec or seed changed since it was opened);"
+                " open it again with driver.open()"
+            )
+
+    def close(self) -> None:
+        """Close the link and wait (briefly) until the device has seen it, so that it is free."""
+        if not self._closed:
+            self._closed = True
+            self._drop(graceful=True)
+
+
+def _close_wait(timeout: float | None) -> float:
+    return _CLOSE_WAIT_S if timeout is None else min(_CLOSE_WAIT_S, timeout)
+
+
+def _name(opcode: int) -> str:
+    try:
+        return Opcode(opcode).name
+    except ValueError:
+        return f"opcode {opcode}"
+
+
+def open_tcp(url: str, seed: int | None = None, timeout: float | None = None):
+    """``driver.open("tcp://HOST:PORT")``: a Device over a TcpTransport (see :func:`driver.open`).
+
+    The device is reset on open (power-on state, noise stream restarted), as opening an
+    in-process device gives a fresh one: the Device's host-side scales then match what is
+    loaded, and the same spec, seed and calls give the in-process bits.  (The served device
+    itself keeps its state across connections; ``Device(TcpTransport(host, port))`` attaches
+    without resetting.)
+    """
+    from .device import Device
+
+    host, port = parse_url(url)
+    transport = TcpTransport(host, port, timeout=timeout)
+    try:
+        device = Device(transport, label=f"device at {transport.url}")
+        if seed is not None and device.info.seed_entropy != str(seed):
+            raise InvalidInputError(
+                f"the device at {transport.url} was served with seed entropy {device.info.seed_entropy}, not {seed};"
+                " pass that seed, or seed=None to take the served device as it is (`spu serve --seed S` sets it)"
+            )
+        device.reset()
+    except BaseException:
+        transport.close()
+        raise
+    return device

@@ -1,0 +1,565 @@
+"""Thermodynamic natural gradient descent (TNGD, Donatella et al., arXiv 2405.13817): the client.
+
+Framework-neutral: numpy in, numpy out.  One step (the paper's Algorithm 1): the caller computes the
+gradient g and the curvature of the batch (a dense F, or the GGN factors J (m, N) and H (m, m)); the
+client loads F + lambda I and g onto the SPU, lets it evolve for a time t, reads the state g~ and
+updates the parameters with a first-order rule (SGD with momentum, or Adam; Adam with
+beta1 = beta2 = 0 is the paper's TNGD-Adam).
+
+What the device computes (eq. 15 and 19).  In the user's units the cell array follows
+
+    dx = -((F + lambda I) x - g) dt + sqrt(2 kappa) dW,
+
+so after a time t from the state it holds, g~_{k-1}, the read-out is (noise aside)
+
+    g~_k = e^{-(F + lambda I) t} (g~_{k-1} - (F + lambda I)^-1 g) + (F + lambda I)^-1 g.      (eq. 19)
+
+Warm start: the state carries over from step to step and starts at the first gradient
+(g~_0 = g_1), so t -> 0 gives g~_1 = g_1 (the SGD step) and t -> infinity gives the NGD step
+(F + lambda I)^-1 g at every step; in between, g~ mixes the natural gradient of this batch with the
+estimate of the previous one.  Note what eq. 19 says for t -> 0 after the first step: the state does
+not move, g~_k = g~_{k-1} = g_1, so only the first step is the SGD step.  ``warm_start=False``
+re-initialises the state to the gradient at every step instead (t -> 0 is then SGD at every step, at
+the cost of a re-initialisation per step, and without the memory that makes small t work well).
+
+The time t.  ``t`` is the t of eq. 19, in the units in which F is given: a mode of F + lambda I with
+eigenvalue lambda_i relaxes as e^{-lambda_i t}, so t = 30 / damping is past NGD to e^{-30} in every
+mode.  The device runs s * t in units of tau, where s is the matrix scale the driver chose for the
+load (user units of F per g0, ``Device.matrix_scale``: max|F + lambda I| / g_max for a dense F,
+max(max|J|^2 max|H|, lambda) / g_max for a GGN), so the run takes s * t * tau seconds of analog
+time on the hardware (``StepRecord.device_time`` counts it in tau).  J and H go in as a
+``driver.GGN`` (N x N never formed) when the device has enough structured rows, else dense.
+
+Delay (eq. 22).  With ``delay`` t_d > 0 the device keeps evolving under the previous F and g for a
+time t_d (in the same units as t, on the previous load's scale) before the new ones are loaded, as
+it would while the host computes the next gradient and curvature:
+
+    g~_k = e^{-F_k t} (e^{-F_{k-1} t_d} (g~_{k-1} - F_{k-1}^-1 g_{k-1}) + F_{k-1}^-1 g_{k-1} - F_k^-1 g_k) + F_k^-1 g_k,
+
+with F_k standing for F_k + lambda I.  This is the momentum-like effect of the paper's Figs. 4 and 5.
+
+Read-out.  ``readout="state"`` converts the state once at the end of the run (one ADC snapshot);
+``readout="mean"`` returns the on-device average of the ADC samples in (burn_in, t] (the device
+samples every 1 / sample_rate tau, i.e. every 1 / (s sample_rate) in the units of t), which averages
+the noise out at the price of mixing in the transient.
+
+Ranging (how the state is kept in the converters' ranges).  The device stores the state as node
+voltages V; the client keeps a fixed state scale r (user units of g~ per volt, ``state_scale``) so
+that x = r V means the same thing across loads: the matrix goes in at the driver's scale s and the
+gradient at s_b = r s (the readout scale s_b / s = r).  r is chosen so the gradient fits the input
+DAC and the state stays within half of the ADC range and the rails, with a factor 2 of headroom.
+The device has no command to set its state, so the client sets it through the public API: it loads
+a = g_max I (the identity at full scale: a GGN with J = 0 and damping 1, N + 2 codes, or a dense
+identity on a device without structured arrays) with input u = g_max x0 / r and runs 40 / g_max tau,
+after which V = x0 / r to e^{-40} (plus the array's stationary noise, kappa0 / g_max V^2).  That
+happens on the first step (x0 = g_1), when r has to change (the gradient no longer fits the DAC, or
+on a quantised device the signal has fallen below 1/32 of the range: x0 is then the present state,
+read with one ADC snapshot), and when a run clipped (x0 is the last estimate, the run is repeated at
+4 times the scale).  ``state_scale=`` fixes r instead.
+
+Hardware time.  ``StepRecord.hardware_time_s`` sums the device's timing model over the step's calls
+(``Device.timeline``: link, element programming, analog time, conversions), re-initialisations and
+runs discarded after clipping included.
+
+Noise.  With injected noise kappa0 (V^2 per tau) the user-unit diffusion is kappa = kappa0 r^2 s, so
+in the eigenbasis of F + lambda I mode i has variance kappa (1 - e^{-2 lambda_i t}) / lambda_i on
+top of its decayed initial spread (tests/test_tngd.py derives it in full).
+
+The digital solvers (``solver="exact" | "cg" | "woodbury"``, see :mod:`driver.ngd`) compute the
+damped natural gradient (F + lambda I)^-1 g on the host for side-by-side runs; ``solver="none"``
+returns g itself (plain SGD or Adam through the same update code).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import ngd
+from .device import Device, LoadReport, RunReport
+from .errors import InvalidInputError, SaturationError
+from .ggn import GGN
+
+__all__ = ["TNGD", "StepRecord"]
+
+SOLVERS = ("device", "exact", "cg", "woodbury", "none")
+BASES = ("sgd", "adam")
+READOUTS = ("state", "mean")
+
+_RELAX_RATES = 40.0  # re-initialisation runs 40 / g_max tau: residual e^{-40} = 4e-18 of the old state
+_HEADROOM = 2.0  # the state scale leaves this factor above what the gradient and state need
+_FILL = 0.5  # aim the state at no more than this fraction of the ADC range / rails
+_LOOSE = 32.0  # on a quantised device, re-range when the signal falls below 1/_LOOSE of the aim
+_STEP_UP = 4.0  # after a clipped run, the state scale grows by this factor
+_MAX_TRIES = 8
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one natural-gradient call did and cost.
+
+    solver: the solver used; device_time: analog time run on the device this call, in tau (delay,
+    run and any re-initialisation), 0 for the digital solvers; hardware_time_s: the device's
+    estimate of what the call's loads, runs and reads take on the hardware its spec describes
+    (seconds; NaN for the digital solvers); wall_time_s: host time of the call; matrix_scale: s,
+    user units of F per g0 (0 for the digital solvers); state_scale: r, user units of g~ per volt;
+    reinitialised: times the state was set by a relaxation run; retries: runs repeated after
+    clipping; engine: the engine of the main run ("" when none ran); loads, runs, reads: device
+    calls made.
+    """
+
+    solver: str
+    device_time: float = 0.0
+    hardware_time_s: float = math.nan
+    wall_time_s: float = 0.0
+    matrix_scale: float = 0.0
+    state_scale: float = 0.0
+    reinitialised: int = 0
+    retries: int = 0
+    engine: str = ""
+    loads: int = 0
+    runs: int = 0
+    reads: int = 0
+
+
+@dataclass(frozen=True)
+class _Program:
+    """A curvature ready to load: the array (or GGN) and the scale s it goes in at."""
+
+    matrix: Any
+    scale: float
+
+
+@dataclass
+class _Tally:
+    """Running account of one step's device calls (their hardware time is in Device.timeline)."""
+
+    device_time: float = 0.0
+    reinitialised: int = 0
+    retries: int = 0
+    engine: str = ""
+    loads: int = 0
+    runs: int = 0
+    reads: int = 0
+
+
+class TNGD:
+    """Thermodynamic natural gradient descent on an SPU, or a digital NGD baseline (module docstring).
+
+    TNGD(device, lr, damping, t, delay=0.0, base="sgd", momentum=0.0, readout="state",
+         solver="device", cg_iters=200, ...)
+
+    device: an open :class:`driver.Device` (None for the digital solvers); the client owns its state
+    between steps, so do not use the device for anything else meanwhile.  lr: learning rate;
+    damping: lambda > 0 added to the curvature; t: analog time per step in the units of F (module
+    docstring), >= 0, required for solver="device"; delay: t_d >= 0 in the same units; base: "sgd"
+    (with ``momentum``) or "adam" (with ``betas``, default (0, 0): TNGD-Adam, and ``eps``);
+    readout: "state" (one snapshot) or "mean" (average of the samples after ``burn_in``); solver:
+    "device", "exact", "cg" (``cg_iters`` iterations from 0), "woodbury" (needs J, H) or "none"
+    (the plain gradient); warm_start: keep the device state between steps (default) or set it to
+    the gradient at every step; state_scale: fix the state scale r (user units per volt) instead of
+    ranging automatically.
+
+    ``natural_gradient(grad, F=... | J=..., H=...)`` returns g~ (N,); ``step(params, grad, ...)``
+    returns the updated parameters (a new array).  ``last_record`` is the StepRecord of the last
+    call, ``records`` all of them.
+    """
+
+    def __init__(
+        self,
+        device: Device | None,
+        lr: float,
+        damping: float,
+        t: float | None = None,
+        delay: float = 0.0,
+        base: str = "sgd",
+        momentum: float = 0.0,
+        readout: str = "state",
+        solver: str = "device",
+        cg_iters: int = 200,
+        *,
+        burn_in: float = 0.0,
+        betas: tuple[float, float] = (0.0, 0.0),
+        eps: float = 1e-8,
+        warm_start: bool = True,
+        state_scale: float | None = None,
+    ):
+        self.solver = _choice(solver, SOLVERS, "solver")
+        self.base = _choice(base, BASES, "base")
+        self.readout = _choice(readout, READOUTS, "readout")
+        self.lr = _number(lr, "lr", positive=True)
+        self.damping = _number(damping, "damping", positive=True)
+        self.momentum = _fraction(momentum, "momentum")
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise InvalidInputError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        self.betas = (_fraction(betas[0], "beta1"), _fraction(betas[1], "beta2"))
+        self.eps = _number(eps, "eps", positive=True)
+        if isinstance(cg_iters, bool) or not isinstance(cg_iters, (int, np.integer)) or cg_iters < 0:
+            raise InvalidInputError(f"cg_iters must be a non-negative integer, got {cg_iters!r}")
+        self.cg_iters = int(cg_iters)
+        self.delay = _number(delay, "delay")
+        self.burn_in = _number(burn_in, "burn_in")
+        self.warm_start = bool(warm_start)
+        self.t = None if t is None else _number(t, "t")
+        self.state_scale_fixed = None if state_scale is None else _number(state_scale, "state_scale", positive=True)
+        self.device = device
+        if self.solver == "device":
+            if device is None or not isinstance(device, Device):
+                raise InvalidInputError(f"solver='device' needs an open driver.Device, got {device!r}")
+            if self.t is None:
+                raise InvalidInputError("solver='device' needs the analog time t per step (t >= 0, in the units of F)")
+            if self.readout == "mean" and not self.t > self.burn_in:
+                raise InvalidInputError(
+                    f"readout='mean' averages the samples in (burn_in, t]: needs t > burn_in, got t = {self.t!r},"
+                    f" burn_in = {self.burn_in!r}; use readout='state' for t = 0"
+                )
+            if self.delay > 0.0 and not self.warm_start:
+                raise InvalidInputError(
+                    "delay > 0 evolves the state carried over from the previous step, which warm_start=False"
+                    " discards; use warm_start=True or delay=0"
+                )
+        elif self.delay > 0.0:
+            raise InvalidInputError(f"delay is a property of the device's dynamics; solver={solver!r} has none")
+        self.records: list[StepRecord] = []
+        self.reset()
+
+    # -- public API ----------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the optimiser's state: the next step re-initialises the device state to its gradient
+        and restarts the momentum / Adam moments."""
+        self._state_scale: float | None = self.state_scale_fixed
+        self._previous_scale: float | None = None  # s of the load still on the device (for the delay run)
+        self._estimate: np.ndarray | None = None  # last g~ read out, user units
+        self._n: int | None = None
+        self._velocity: np.ndarray | None = None
+        self._moment1: np.ndarray | None = None
+        self._moment2: np.ndarray | None = None
+        self._steps = 0
+
+    @property
+    def last_record(self) -> StepRecord | None:
+        return self.records[-1] if self.records else None
+
+    @property
+    def state_scale(self) -> float | None:
+        """r: user units of g~ per volt of device state (None before the first device step)."""
+        return self._state_scale
+
+    def natural_gradient(self, grad: Any, *, F: Any = None, J: Any = None, H: Any = None) -> np.ndarray:
+        """g~ for this batch: the device's read-out (eq. 19) or a digital solve of (F + lambda I) x = g.
+
+        grad (N,); F (N, N) dense symmetric PSD, or J (m, N) and H (m, m) symmetric PSD, without the
+        damping (the client adds lambda I).  Returns (N,) float64.  Cost: device loads of F (N^2
+        codes) or J, H (m (m + 2N) codes), one run of s t tau, one read; digital see driver.ngd.
+        """
+        started = time.perf_counter()
+        if self.solver == "none":
+            g = ngd._array(grad, "gradient", 1)
+            self._check_length(g)
+            self._record(StepRecord(solver="none", wall_time_s=time.perf_counter() - started))
+            return g.copy()
+        g, curv = ngd.curvature(grad, self.damping, F, J, H)
+        self._check_length(g)
+        if self.solver != "device":
+            x = ngd.solve(self.solver, g, curv, iters=self.cg_iters)
+            self._record(StepRecord(solver=self.solver, wall_time_s=time.perf_counter() - started))
+            return x
+        tally = _Tally()
+        first_call = len(self.device.timeline)
+        x = self._device_step(g, curv, tally)
+        self._record(
+            StepRecord(
+                solver="device",
+                device_time=tally.device_time,
+                hardware_time_s=sum(call.device_time.total_s for call in self.device.timeline[first_call:]),
+                wall_time_s=time.perf_counter() - started,
+                matrix_scale=self._previous_scale or 0.0,
+                state_scale=self._state_scale or 0.0,
+                reinitialised=tally.reinitialised,
+                retries=tally.retries,
+                engine=tally.engine,
+                loads=tally.loads,
+                runs=tally.runs,
+                reads=tally.reads,
+            )
+        )
+        return x
+
+    def step(self, params: Any, grad: Any, *, F: Any = None, J: Any = None, H: Any = None) -> np.ndarray:
+        """One optimiser step: theta - lr * update(g~), g~ = natural_gradient(grad, ...).  Returns a new (N,) array.
+
+        base "sgd": v = momentum v + g~, theta -= lr v.  base "adam": m = b1 m + (1 - b1) g~,
+        v = b2 v + (1 - b2) g~^2, theta -= lr m_hat / (sqrt(v_hat) + eps) with bias correction.
+        """
+        theta = ngd._array(params, "params", 1)
+        g = ngd._array(grad, "gradient", 1)
+        if theta.shape != g.shape:
+            raise InvalidInputError(
+                f"params have shape {theta.shape} but the gradient has {g.shape}; they must have the same length"
+            )
+        direction = self.natural_gradient(g, F=F, J=J, H=H)
+        self._steps += 1
+        if self.base == "sgd":
+            if self.momentum > 0.0:
+                self._velocity = direction if self._velocity is None else self.momentum * self._velocity + direction
+                direction = self._velocity
+            return theta - self.lr * direction
+        b1, b2 = self.betas
+        if self._moment1 is None:
+            self._moment1 = np.zeros_like(direction)
+            self._moment2 = np.zeros_like(direction)
+        self._moment1 = b1 * self._moment1 + (1.0 - b1) * direction
+        self._moment2 = b2 * self._moment2 + (1.0 - b2) * direction**2
+        m_hat = self._moment1 / (1.0 - b1**self._steps)
+        v_hat = self._moment2 / (1.0 - b2**self._steps)
+        return theta - self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
+
+    # -- the device step -----------------------------------------------------------------------------
+    def _device_step(self, g: np.ndarray, curv: ngd.Curvature, tally: _Tally) -> np.ndarray:
+        fresh = self._estimate is None or not self.warm_start
+        # everything that can be refused is checked before the first device call
+        program = self._program(curv)
+        scale = program.scale
+        t_device = self.t * scale
+        self._check_times(t_device, scale)
+        if self.state_scale_fixed is not None:
+            self._check_fits_dac(g, scale, g if fresh else None)
+        if not fresh and self.delay > 0.0 and self._previous_scale is not None:
+            # the device keeps evolving under the previous F and g while the host computes this batch
+            try:
+                self._run(self.delay * self._previous_scale, 0.0, tally)
+            except SaturationError:
+                pass  # the delay run was discarded (state unchanged); carry on from where it was
+        x_start = g if fresh else None
+        if x_start is None and self._needs_reranging(g, scale):
+            x_start = self._read_state(tally)
+        if x_start is not None:
+            self._state_scale = self._choose_state_scale(g, scale, x_start)
+            self._relax_to(x_start, tally)
+        else:
+            x_start = self._estimate
+        self._load_curvature(program, tally)
+        self._load_gradient(g, scale, tally)
+        for _ in range(_MAX_TRIES):
+            if t_device == 0.0:
+                break
+            try:
+                report = self._run(t_device, self.burn_in * scale, tally)
+            except SaturationError as error:
+                if error.report.get("runaway"):
+                    raise
+                restart = self._read_state(tally)  # a refused run changed nothing: this is the state before it
+            else:
+                tally.engine = report.engine
+                if not report.adc_clipped:
+                    break
+                restart = x_start
+            if self.state_scale_fixed is not None:
+                raise SaturationError(
+                    f"the run clipped at state_scale = {self._state_scale:g}; raise state_scale, or leave it"
+                    " None so the client ranges automatically"
+                )
+            tally.retries += 1
+            self._state_scale *= _STEP_UP
+            self._relax_to(restart, tally)
+            self._load_curvature(program, tally)
+            self._load_gradient(g, scale, tally)
+        else:
+            raise SaturationError(
+                f"the device clipped at every state scale up to {self._state_scale:.3g} user units per volt;"
+                " F + lambda I is probably not positive definite"
+            )
+        x = self._read_state(tally) if self.readout == "state" or t_device == 0.0 else self._read_mean(tally)
+        self._estimate = x
+        return x
+
+    def _check_times(self, t_device: float, scale: float) -> None:
+        info = self.device.info
+        if t_device > info.max_run_time:
+            raise InvalidInputError(
+                f"t = {self.t:g} needs {t_device:.3g} tau on the device (matrix scale s = {scale:.3g}), more than"
+                f" the {info.max_run_time:g} tau one run may take; choose t <= {info.max_run_time / scale:.3g}"
+            )
+        if self.delay * scale > info.max_run_time:
+            raise InvalidInputError(
+                f"delay = {self.delay:g} needs {self.delay * scale:.3g} tau on the device, more than the"
+                f" {info.max_run_time:g} tau one run may take; choose delay <= {info.max_run_time / scale:.3g}"
+            )
+        if self.readout == "mean":
+            period = 1.0 / info.sample_rate
+            first = math.floor(self.burn_in * scale / period + 1e-9)
+            last = math.floor(t_device / period + 1e-9)
+            if last <= first:
+                raise InvalidInputError(
+                    f"readout='mean' needs at least one ADC sample in (burn_in, t]: the device samples every"
+                    f" {period:g} tau, i.e. every {period / scale:.3g} in the units of t at this load's scale"
+                    f" s = {scale:.3g}; lengthen t - burn_in (now {self.t - self.burn_in:g})"
+                )
+
+    def _check_fits_dac(self, g: np.ndarray, scale: float, x0: np.ndarray | None) -> None:
+        """With a fixed state scale r, the gradient (and a state to set) must fit the DAC as they are."""
+        info = self.device.info
+        r = self.state_scale_fixed
+        if float(np.abs(g).max()) > r * scale * info.dac_range_v:
+            raise InvalidInputError(
+                f"the gradient does not fit the DAC at state_scale = {r:g} (max|g| = {np.abs(g).max():.3g},"
+                f" the DAC takes up to r s {info.dac_range_v:g} V = {r * scale * info.dac_range_v:.3g});"
+                " raise state_scale or leave it None"
+            )
+        if x0 is not None and info.g_max * float(np.abs(x0).max()) > r * info.dac_range_v:
+            raise InvalidInputError(
+                f"the state to set does not fit the DAC at state_scale = {r:g} (max|x| = {np.abs(x0).max():.3g});"
+                " raise state_scale or leave it None"
+            )
+
+    def _program(self, curv: ngd.Curvature) -> _Program:
+        """What to load for F + lambda I and at which scale s (user units of F per g0).
+
+        J, H go in as a ``driver.GGN`` (the structured arrays, N x N never formed) when the device has
+        enough GGN rows, else as the dense F + lambda I.  s is the driver's own choice
+        (``Device.matrix_scale``), passed explicitly so it is known before the load (the state may
+        have to be re-initialised first).
+        """
+        if curv.is_ggn and self.device.info.max_ggn_rows >= curv.J.shape[0]:
+            matrix = GGN(curv.J, curv.H, curv.damping)
+        else:
+            matrix = curv.dense()
+        return _Program(matrix=matrix, scale=self.device.matrix_scale(matrix))
+
+    def _load_curvature(self, program: _Program, tally: _Tally) -> None:
+        report = self.device.load_matrix(program.matrix, scale=program.scale)
+        self._account_load(report, tally)
+        self._previous_scale = program.scale
+
+    def _load_gradient(self, g: np.ndarray, scale: float, tally: _Tally) -> None:
+        report = self.device.load_vector(g, scale=self._state_scale * scale)
+        if report.clipped:
+            raise InvalidInputError(
+                f"the gradient does not fit the DAC at state_scale = {self._state_scale:g}"
+                f" (max|g| = {np.abs(g).max():.3g}); raise state_scale or leave it None"
+            )
+        self._account_load(report, tally)
+
+    def _relax_to(self, x0: np.ndarray, tally: _Tally) -> None:
+        """Set the device state to x0 (user units): identity at full scale, input g_max x0 / r, 40 / g_max tau.
+
+        The identity goes in as a GGN with J = 0 and damping 1 (N + 2 codes) where the device has
+        structured arrays, else as a dense n x n identity.
+        """
+        dev = self.device
+        g_max = dev.info.g_max
+        n = x0.shape[0]
+        r = self._state_scale
+        if dev.info.max_ggn_rows >= 1:
+            identity = GGN(np.zeros((1, n)), np.zeros((1, 1)), 1.0)
+        else:
+            identity = np.eye(n)
+        self._account_load(dev.load_matrix(identity, scale=1.0 / g_max), tally)
+        report = dev.load_vector(x0, scale=r / g_max)
+        if report.clipped:
+            raise InvalidInputError(
+                f"the state to set does not fit the DAC at state_scale = {r:g} (max|x| = {np.abs(x0).max():.3g});"
+                " raise state_scale or leave it None"
+            )
+        self._account_load(report, tally)
+        self._run(_RELAX_RATES / g_max, 0.0, tally)
+        tally.reinitialised += 1
+
+    def _run(self, t_device: float, burn_in_device: float, tally: _Tally) -> RunReport:
+        tally.runs += 1
+        report = self.device.run(t_device, burn_in_device)
+        tally.device_time += report.analog_time
+        return report
+
+    def _read_state(self, tally: _Tally) -> np.ndarray:
+        tally.reads += 1
+        return self.device.read_state()
+
+    def _read_mean(self, tally: _Tally) -> np.ndarray:
+        tally.reads += 1
+        return self.device.read_mean()
+
+    def _account_load(self, report: LoadReport, tally: _Tally) -> None:
+        tally.loads += 1
+
+    # -- ranging --------------------------------------------------------------------------------------
+    def _volts_full(self) -> float:
+        """Largest state voltage the device converts and holds (inf for an ideal ADC without rails)."""
+        info = self.device.info
+        limits = []
+        if info.adc_bits > 0:
+            limits.append(info.adc_range_v)
+        if info.rail_v is not None:
+            limits.append(info.rail_v)
+        return min(limits) if limits else math.inf
+
+    def _needs(self, g: np.ndarray, scale: float, states: list[np.ndarray]) -> tuple[float, float]:
+        """(smallest r the gradient's DAC allows, r that puts the given states at the aim of the ADC range)."""
+        info = self.device.info
+        dac = float(np.abs(g).max()) / (scale * info.dac_range_v)
+        full = self._volts_full()
+        biggest = max(float(np.abs(x).max()) for x in states)
+        adc = biggest / (_FILL * full) if math.isfinite(full) else 0.0
+        return dac, adc
+
+    def _needs_reranging(self, g: np.ndarray, scale: float) -> bool:
+        if self.state_scale_fixed is not None:
+            return False
+        r = self._state_scale
+        dac, adc = self._needs(g, scale, [self._estimate])
+        if r < dac or r < adc * _FILL / 0.9:  # gradient beyond the DAC, or the state above 90 % of full scale
+            return True
+        info = self.device.info
+        quantised = info.adc_bits > 0 or info.dac_bits > 0
+        aim = max(dac, adc)
+        return quantised and aim > 0.0 and r > _LOOSE * _HEADROOM * aim
+
+    def _choose_state_scale(self, g: np.ndarray, scale: float, x0: np.ndarray) -> float:
+        if self.state_scale_fixed is not None:
+            return self.state_scale_fixed
+        info = self.device.info
+        states = [x0] if self._estimate is None else [x0, self._estimate]
+        dac, adc = self._needs(g, scale, states)
+        relax = info.g_max * float(np.abs(x0).max()) / info.dac_range_v
+        need = max(dac, adc, relax)
+        return _HEADROOM * need if need > 0.0 else (self._state_scale or 1.0)
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    def _check_length(self, g: np.ndarray) -> None:
+        if self._n is None:
+            self._n = g.shape[0]
+        elif g.shape[0] != self._n:
+            raise InvalidInputError(
+                f"the gradient has {g.shape[0]} entries but this optimiser's previous steps had {self._n};"
+                " call reset() before changing the number of parameters"
+            )
+
+    def _record(self, record: StepRecord) -> None:
+        self.records.append(record)
+
+
+def _choice(value: Any, allowed: tuple[str, ...], what: str) -> str:
+    if value not in allowed:
+        raise InvalidInputError(f"{what} = {value!r} is not one of {', '.join(map(repr, allowed))}")
+    return value
+
+
+def _number(value: Any, what: str, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InvalidInputError(f"{what} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0.0 or (positive and value == 0.0):
+        bound = "positive" if positive else "non-negative"
+        raise InvalidInputError(f"{what} must be {bound} and finite, got {value!r}")
+    return value
+
+
+def _fraction(value: Any, what: str) -> float:
+    value = _number(value, what)
+    if not value < 1.0:
+        raise InvalidInputError(f"{what} must be in [0, 1), got {value!r}")
+    return value

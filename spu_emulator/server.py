@@ -1,0 +1,470 @@
+"""Serve one emulated SPU over TCP: the emulator as a hardware-in-the-loop stand-in.
+
+The server speaks the wire protocol of ``firmware_spec/protocol.yaml`` (see
+:mod:`spu_emulator.wire`) and hands every request to :meth:`Firmware.handle`, the
+same entry point the in-process transport calls, so a host sees the same
+(status, payload) either way.
+
+Two processes, so that the server always answers:
+
+* the **device process** owns the :class:`Firmware` and serves the connection of
+  the host that holds the device, one frame after another, with no hop in
+  between (it receives that connection's socket from the front process);
+* the **front process** accepts connections, hands the first one to the device
+  process, answers every other with BUSY, and logs.  It never runs a command:
+  the numba kernels hold Python's GIL for the whole of a run, so a server that ran
+  them on a thread could not answer anyone while a run lasted.
+
+Rules (PROTOCOL.md, "Sessions"):
+
+* One host holds the device at a time: the first connection while the device is
+  free.  Another connection's first request is answered BUSY (unless the device
+  has been freed by the time it arrives, when it is served) and that connection
+  is closed.
+* The holder frees the device when its connection ends: EOF, reset, a frame that
+  stops mid-way for ``frame_timeout`` s, silence for ``idle_timeout`` s (off by
+  default), or a header error.  A command that is running when the host goes
+  away runs to its end (a run is bounded by the spec's max_run_time, and an
+  analog run cannot be recalled); the device is freed as soon as it ends.
+* The device's state persists across connections, as a board's would: loads,
+  analog state, accumulator and noise stream stay as the last host left them.
+  A host that wants power-on state sends RESET (``driver.open`` does).
+* A malformed frame never reaches the firmware: it gets a BAD_FRAME reply (and,
+  after a header error, the connection is closed), so the device state is
+  unchanged.
+
+POSIX only (fork and socket descriptor passing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import signal
+import socket
+import stat
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from . import wire
+from .firmware import Firmware
+from .protocol import Status
+from .spec import load_spec
+
+__all__ = ["DeviceServer", "serve"]
+
+log = logging.getLogger("spu_emulator.server")
+
+_POLL_S = 0.1  # how often the front process looks for a stop request
+_MESSAGE_BYTES = 4096  # control messages between the two processes
+
+
+class DeviceServer:
+    """A TCP server for one :class:`Firmware`, which moves to a device process of its own.
+
+    host, port: where to listen (port 0 picks a free one; see ``address`` and ``url``).
+    frame_timeout, busy_timeout, idle_timeout: seconds, defaults from protocol.yaml
+    ``timing``; idle_timeout None lets the holder stay silent for ever.
+    max_connections: hosts waiting for their BUSY answer at once; more are closed on accept.
+
+    The firmware object passed in is copied into the device process when the server is
+    made: query the device through the protocol, not through that object.  Use as a
+    context manager, or ``start()`` (a background thread) or ``serve_forever()`` (this
+    thread), then ``shutdown()``.
+    """
+
+    def __init__(
+        self,
+        firmware: Firmware,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        frame_timeout: float = wire.TIMING.frame_timeout_s,
+        busy_timeout: float = wire.TIMING.busy_timeout_s,
+        idle_timeout: float | None = wire.TIMING.idle_timeout_s,
+        max_connections: int = 16,
+    ):
+        if not hasattr(os, "fork") or not hasattr(socket, "send_fds"):
+            raise RuntimeError("the device server needs POSIX fork and socket descriptor passing")
+        for name, value in (("frame_timeout", frame_timeout), ("busy_timeout", busy_timeout)):
+            if not value > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if idle_timeout is not None and not idle_timeout > 0:
+            raise ValueError(f"idle_timeout must be a positive number of seconds or None, got {idle_timeout!r}")
+        self.spec = firmware.spec
+        self.frame_timeout = frame_timeout
+        self.busy_timeout = busy_timeout
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.create_server((host, port), family=family)
+        self.address: tuple[str, int] = self._listener.getsockname()[:2]
+        self._control, device_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:  # the device process: never returns
+            code = 1
+            try:
+                _leave_front_behind(keep=device_end.fileno())
+                _DeviceProcess(firmware, device_end, frame_timeout, idle_timeout).run()
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        device_end.close()
+        self._pid = pid
+        self._lock = threading.Lock()
+        self._holder: str | None = None
+        self._holder_socket: socket.socket | None = None
+        self._waiting: dict[int, tuple[socket.socket, threading.Thread]] = {}
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.device_failed = False  # set when the device process ended on its own
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+    @property
+    def holder(self) -> str | None:
+        """Address of the host that holds the device, or None when it is free."""
+        return self._holder
+
+    @property
+    def device_pid(self) -> int:
+        return self._pid
+
+    # -- lifetime ------------------------------------------------------------------
+    def start(self) -> DeviceServer:
+        """Serve on a background thread; returns self."""
+        self._thread = threading.Thread(target=self.serve_forever, name=f"spu-server-{self.address[1]}", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Accept connections until :meth:`stop` or :meth:`shutdown` (or the device process ends)."""
+        selector = selectors.DefaultSelector()
+        selector.register(self._listener, selectors.EVENT_READ)
+        selector.register(self._control, selectors.EVENT_READ)
+        try:
+            while not self._stop.is_set():
+                for key, _ in selector.select(_POLL_S):
+                    if key.fileobj is self._control:
+                        self._device_message()
+                    elif not self._stop.is_set():
+                        try:
+                            sock, peer = self._listener.accept()
+                        except OSError:
+                            continue
+                        self._admit(sock, _peer_name(peer))
+        finally:
+            selector.close()
+            self._stopped.set()
+
+    def stop(self) -> None:
+        """Ask :meth:`serve_forever` to return within 0.1 s (safe from a signal handler)."""
+        self._stop.set()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop accepting, close every connection, stop the device process.
+
+        A command that is running gets ``timeout`` s to finish; then the device process
+        is killed.  Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._stopped.wait(timeout)
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            sockets = [self._holder_socket] + [sock for sock, _ in self._waiting.values()]
+            threads = [thread for _, thread in self._waiting.values()]
+        for sock in sockets:
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # the device process sees EOF and frees itself
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with contextlib.suppress(OSError):
+            self._control.send(b"STOP")
+        if not self._reap(deadline):
+            log.warning("the device process did not stop within %g s (a long command?); killing it", timeout)
+            os.kill(self._pid, signal.SIGKILL)
+            self._reap(None)
+        for sock in (self._holder_socket, self._control, self._listener):
+            if sock is not None:
+                sock.close()
+        self._holder, self._holder_socket = None, None
+
+    def _reap(self, deadline: float | None) -> bool:
+        """Wait for the device process to end (until ``deadline``; None: for ever).  True if it did."""
+        while True:
+            try:
+                if os.waitpid(self._pid, 0 if deadline is None else os.WNOHANG) != (0, 0):
+                    return True
+            except ChildProcessError:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+
+    def __enter__(self) -> DeviceServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # -- the front process's side ------------------------------------------------------
+    def _admit(self, sock: socket.socket, name: str) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        with self._lock:
+            if self._holder is None:
+                self._hand_over(sock, name, "")
+                return
+            if len(self._waiting) >= self.max_connections:
+                full = True
+            else:
+                full = False
+                thread = threading.Thread(target=self._answer_busy, args=(sock, name), daemon=True)
+                self._waiting[sock.fileno()] = (sock, thread)
+        if full:
+            log.info("connection from %s refused: %d hosts already waiting", name, self.max_connections)
+            sock.close()
+        else:
+            thread.start()
+
+    def _hand_over(self, sock: socket.socket, name: str, note: str) -> None:
+        """Give the connection to the device process (hold the lock)."""
+        try:
+            socket.send_fds(self._control, [b"SERVE " + name.encode()], [sock.fileno()])
+        except OSError as exc:
+            log.error("connection from %s closed: the device process is gone (%s)", name, exc)
+            sock.close()
+            return
+        self._holder, self._holder_socket = name, sock  # kept, to shut it down on stop
+        log.info("connection from %s: holds the device%s", name, note)
+
+    def _answer_busy(self, sock: socket.socket, name: str) -> None:
+        """A host that came while the device was held: wait for its first request; serve it if the
+        device is free by then, else answer BUSY and close."""
+        reason, handed, drain, key = "", False, False, sock.fileno()
+        try:
+            sock.settimeout(self.busy_timeout)
+            try:
+                ready = sock.recv(1, socket.MSG_PEEK)
+            except TimeoutError:
+                reason = f"no request within {self.busy_timeout:g} s while the device was held"
+                return
+            with self._lock:
+                if ready and self._holder is None and not self._stop.is_set():
+                    handed = True  # the device process has it now, or _hand_over closed it
+                    self._hand_over(sock, name, " (freed while it waited)")
+                holder = self._holder
+            if handed:
+                return
+            drain = True  # the host's frame is not read further: let the answer reach it before closing
+            try:
+                header, _ = wire.FrameReader(sock).read_header(self.frame_timeout, self.frame_timeout)
+            except (wire.LinkClosed, wire.LinkTimeout) as exc:
+                reason = f"refused while busy: {exc}"
+                return
+            except wire.FrameError as exc:
+                wire.send_frame(sock, wire.frame_error_reply(exc), self.frame_timeout)
+                reason = f"refused while busy: {exc}"
+                return
+            message = f"{self.spec.name} at {self.url} is held by {holder} (one host at a time)"
+            wire.send_frame(
+                sock, wire.error_frame(header.opcode, header.request_id, Status.BUSY, message), self.frame_timeout
+            )
+            log.info("connection from %s refused: busy (held by %s)", name, holder)
+            reason = "answered BUSY"
+        except OSError as exc:
+            reason = f"link error: {exc}"
+        finally:
+            with self._lock:
+                self._waiting.pop(key, None)
+            if not handed:
+                if drain:
+                    wire.close_gracefully(sock, self.frame_timeout)
+                else:
+                    sock.close()
+                log.info("connection from %s closed (%s)", name, reason)
+
+    def _device_message(self) -> None:
+        try:
+            message = self._control.recv(_MESSAGE_BYTES)
+        except OSError:
+            message = b""
+        if not message:
+            if not self._closed:
+                log.error("the device process ended unexpectedly; stopping")
+                self.device_failed = True
+                with self._lock:
+                    sock, self._holder, self._holder_socket = self._holder_socket, None, None
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)  # the host sees its link drop, not a silent device
+                    sock.close()
+            self._stop.set()
+            return
+        if message.startswith(b"FREE "):
+            _, requests, reason = message.decode(errors="replace").split(" ", 2)
+            with self._lock:
+                name, sock = self._holder, self._holder_socket
+                self._holder, self._holder_socket = None, None
+            if sock is not None:
+                sock.close()  # the device process has closed its copy: the host sees EOF now
+            log.info("connection from %s closed after %s requests (%s); the device is free", name, requests, reason)
+
+
+def _leave_front_behind(keep: int) -> None:
+    """In the new device process: ignore SIGINT and SIGTERM (the front process stops it, and it
+    ends when the front process goes away), and let go of every socket and pipe inherited from
+    the front process (its listener, other hosts' connections, other servers'), so that none of
+    them stays open here.  Their descriptor numbers are pointed at /dev/null rather than closed,
+    so no stale object can close a number that gets reused."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    null = os.open(os.devnull, os.O_RDWR)
+    folder = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
+    for entry in os.listdir(folder):
+        fd = int(entry)
+        if fd <= 2 or fd in (keep, null):
+            continue
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            continue
+        if stat.S_ISSOCK(mode) or stat.S_ISFIFO(mode):
+            os.dup2(null, fd)
+
+
+class _DeviceProcess:
+    """The device process: receives one host connection at a time from the front process and
+    serves it, frame after frame, until it ends; then reports and waits for the next."""
+
+    def __init__(self, firmware: Firmware, control: socket.socket, frame_timeout: float, idle_timeout: float | None):
+        self.firmware = firmware
+        self.control = control
+        self.frame_timeout = frame_timeout
+        self.idle_timeout = idle_timeout
+
+    def run(self) -> None:
+        while True:
+            try:
+                message, fds, _, _ = socket.recv_fds(self.control, _MESSAGE_BYTES, 1)
+            except OSError:
+                return
+            if not message.startswith(b"SERVE") or not fds:
+                for fd in fds:
+                    os.close(fd)
+                if not message or message == b"STOP":
+                    return
+                continue
+            sock = socket.socket(fileno=fds[0])
+            requests, reason = 0, "device error"
+            try:
+                requests, reason = self.serve(sock)
+            finally:
+                if reason.startswith("bad frame"):  # unread bytes may follow: let the error reply arrive
+                    wire.close_gracefully(sock, min(1.0, self.frame_timeout))
+                else:
+                    with contextlib.suppress(OSError):
+                        sock.close()
+            try:
+                self.control.send(f"FREE {requests} {reason}".encode()[:_MESSAGE_BYTES])
+            except OSError:
+                return
+
+    def serve(self, sock: socket.socket) -> tuple[int, str]:
+        """Serve one host until its connection ends; returns (requests executed, why it ended)."""
+        reader = wire.FrameReader(sock)
+        requests = 0
+        try:
+            while True:
+                try:
+                    header, payload = reader.read(self.idle_timeout, self.frame_timeout)
+                except wire.LinkClosed as exc:
+                    return requests, ("stopped mid-frame: " + str(exc)) if exc.mid_frame else "closed by the host"
+                except wire.LinkTimeout as exc:
+                    return requests, ("stalled mid-frame: " if exc.mid_frame else "idle: ") + str(exc)
+                except wire.FrameError as exc:
+                    wire.send_frame(sock, wire.frame_error_reply(exc), self.frame_timeout)
+                    return requests, f"bad frame: {exc}"
+                try:
+                    request = wire.open_frame(header, payload, wire.REQUEST)
+                except wire.FrameError as exc:
+                    wire.send_frame(sock, wire.frame_error_reply(exc, header.opcode), self.frame_timeout)
+                    continue  # read whole: the stream is still in step
+                del payload  # the request's arrays are views of it; the firmware copies what it keeps
+                requests += 1
+                wire.send_frame(sock, self._execute(header, request), self.frame_timeout)
+        except OSError as exc:
+            return requests, f"link error: {exc}"
+
+    def _execute(self, header: wire.Header, request: dict[str, Any]) -> bytes:
+        try:
+            status, reply = self.firmware.handle(header.opcode, request)
+        except Exception as exc:  # the firmware answers refusals itself; anything else is a bug
+            log.exception("firmware failed on opcode %d", header.opcode)
+            status, reply = Status.INTERNAL, {"message": f"internal error in the device: {type(exc).__name__}: {exc}"}
+        try:
+            return wire.encode_frame(wire.REPLY, header.opcode, status, header.request_id, reply)
+        except wire.EncodeError as exc:
+            log.error("reply to opcode %d cannot be sent: %s", header.opcode, exc)
+            return wire.error_frame(header.opcode, header.request_id, Status.INTERNAL, f"reply not encodable: {exc}")
+
+
+def _peer_name(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(peer)
+
+
+def serve(
+    spec: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    seed: int | None = None,
+    *,
+    frame_timeout: float = wire.TIMING.frame_timeout_s,
+    idle_timeout: float | None = wire.TIMING.idle_timeout_s,
+) -> int:
+    """Serve one emulated device until SIGINT or SIGTERM (``spu serve``); returns 0, or 1 if
+    the device process failed.
+
+    Logs one line when listening (with the address, so port 0 can be used), one per
+    connection and one on shutdown, to stderr unless logging is configured already.
+    """
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s spu serve: %(message)s")
+    server = DeviceServer(
+        Firmware(load_spec(spec), seed=seed), host, port, frame_timeout=frame_timeout, idle_timeout=idle_timeout
+    )
+
+    def stop(signum: int, _frame: Any) -> None:
+        log.info("%s: shutting down", signal.Signals(signum).name)
+        server.stop()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        seed_text = "fresh entropy" if seed is None else f"seed {seed}"
+        log.info("serving %s (%s, %s) on %s", server.spec.name, server.spec.cells.kind, seed_text, server.url)
+        server.serve_forever()
+    finally:
+        server.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        log.info("stopped")
+    return 1 if server.device_failed else 0
