@@ -89,11 +89,15 @@ def curvature(theta: np.ndarray, X: np.ndarray):
     return J, H
 
 
-def train(name, make_optimiser, X, y, batches, uses_curvature):
-    """Run one optimiser over the given batches; returns (losses per iteration, cumulative time in s, theta)."""
+def train(make_optimiser, X, y, batches, uses_curvature):
+    """Run one optimiser over the given batches.
+
+    Returns (losses per iteration, cumulative time in s, theta, device seconds per iteration); the time is
+    host wall time, with the device's timing-model estimate in place of the emulator's wall time for TNGD.
+    """
     opt = make_optimiser()
     theta = np.zeros(X.shape[1] * CLASSES + CLASSES)
-    losses, clock, elapsed = [loss(theta, X, y)], [0.0], 0.0
+    losses, clock, elapsed, device = [loss(theta, X, y)], [0.0], 0.0, []
     for index in batches:
         first_call = len(opt.device.timeline) if opt.device is not None else 0
         started = time.perf_counter()
@@ -110,10 +114,19 @@ def train(name, make_optimiser, X, y, batches, uses_curvature):
             # device's part (loads, run, read) from its timing model instead of the emulator's wall time
             emulated = sum(call.wall_time_s for call in opt.device.timeline[first_call:])
             spent += record.hardware_time_s - emulated
+            device.append(record.hardware_time_s)
         elapsed += spent
         losses.append(loss(theta, X, y))
         clock.append(elapsed)
-    return np.array(losses), np.array(clock), theta
+    return np.array(losses), np.array(clock), theta, np.array(device)
+
+
+def warm_up(preset: str, X, y, lam: float) -> None:
+    """One TNGD step on a throwaway device, so numba compiles the emulator's and the driver's kernels
+    before anything is timed (a first call compiles them; numba caches them on disk where it can)."""
+    J, H = curvature(np.zeros(X.shape[1] * CLASSES + CLASSES), X[:BATCH])
+    with driver.open(preset, seed=0) as dev:
+        TNGD(dev, lr=1.0, damping=lam, t=1.0).natural_gradient(np.ones(J.shape[1]), J=J, H=H)
 
 
 def main(argv=None):
@@ -148,13 +161,15 @@ def main(argv=None):
 
         runs[f"TNGD t={t:g}"] = (make, True)
 
-    results = {}
+    results, device_time = {}, {}
     wall = time.perf_counter()
-    for name, (make, curvature) in runs.items():
+    warm_up(args.preset, X_train, y_train, lam)
+    for name, (make, uses_curvature) in runs.items():
         started = time.perf_counter()
-        losses, clock, theta = train(name, make, X_train, y_train, batches, curvature)
+        losses, clock, theta, device = train(make, X_train, y_train, batches, uses_curvature)
         accuracy = float(np.mean(probabilities(theta, X_test).argmax(axis=1) == y_test))
         results[name] = (losses, clock, accuracy)
+        device_time[name] = device
         print(f"  ran {name:<14} in {time.perf_counter() - started:6.1f} s of wall time", flush=True)
     for dev in devices:
         dev.close()
@@ -173,6 +188,14 @@ def main(argv=None):
         cells = [losses[np.searchsorted(clock, b, side="right") - 1] for b in budgets]
         per_iteration = clock[-1] / max(1, len(clock) - 1)
         print(f"{name:<14}" + "".join(f"{c:>10.4f}" for c in cells) + f"{_seconds(per_iteration):>10}")
+    for name, device in device_time.items():
+        if device.size:
+            per_iteration = results[name][1][-1] / device.size
+            print(
+                f"  {name}: per iteration {_seconds(per_iteration)} = host {_seconds(per_iteration - device.mean())}"
+                f" (gradient, J and H, the driver's checks and codes, update) + device {_seconds(device.mean())}"
+                f" (estimated: loads, run, read; the first step {_seconds(device[0])} with the state's initialisation)"
+            )
 
     if args.out:
         plot(results, args.out)

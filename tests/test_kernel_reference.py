@@ -248,8 +248,19 @@ CASES = [
     # recording: the cov accumulator and the snapshot buffer (more rows than conversions: the rest stay as given)
     Case("record-loop-quantised", n=5, noise="all", adc="quantised", steps_per_sample=3, record_cov=True, snapshots=7),
     Case("record-snapshots-stride", n=4, noise="all", first_sample_step=20, snapshots=50, stride=4),
-    Case("record-blas-rails", n=30, noise="all", adc="quantised", rail_v=0.4, force_scale=3.0, n_steps=120,
-         adc_range_v=0.3, record_cov=True, snapshots=200, stride=1),
+    Case(
+        "record-blas-rails",
+        n=30,
+        noise="all",
+        adc="quantised",
+        rail_v=0.4,
+        force_scale=3.0,
+        n_steps=120,
+        adc_range_v=0.3,
+        record_cov=True,
+        snapshots=200,
+        stride=1,
+    ),
 ]
 
 
