@@ -110,35 +110,18 @@ def _run_rc(
                 work[i] = s
         else:
             np.dot(drift, state, work)
-        runaway = False
         for i in range(n):
-            v = state[i] + dt * (force[i] - work[i])
-            if noisy:
-                v += step_sd[i] * rng.standard_normal()
-            if rail_v > 0.0:
-                if v > rail_v:
-                    v = rail_v
-                    saturated = True
-                elif v < -rail_v:
-                    v = -rail_v
-                    saturated = True
-            elif not abs(v) < RUNAWAY_V:
-                runaway = True
-            state[i] = v
+            work[i] = force[i] - work[i]
+        hit, runaway = _advance(state, work, dt, step_sd, noisy, rail_v, rng)
+        saturated = saturated or hit
         if runaway:
             return step, samples, saturated, clipped, True
         if step >= first_sample_step and step % steps_per_sample == 0:
             samples += 1
-            for i in range(n):
-                code, clip = _adc_convert(
-                    state[i], adc_gain[i], adc_offset_v[i], adc_noise_v, adc_lsb, adc_code_max, rng
-                )
-                acc[i] += code
-                clipped += clip
-                if recording:
-                    codes[i] = code
-            if recording:
-                _record(codes, samples - 1, cov_acc, snapshots, snapshot_stride)
+            clipped += _sample(
+                state, adc_gain, adc_offset_v, adc_noise_v, adc_lsb, adc_code_max, rng, acc,
+                codes, samples - 1, cov_acc, snapshots, snapshot_stride,
+            )  # fmt: skip
     return n_steps, samples, saturated, clipped, False
 
 
@@ -162,6 +145,51 @@ def _record(codes, index, cov_acc, snapshots, snapshot_stride):
         if row < snapshots.shape[0]:
             for i in range(n):
                 snapshots[row, i] = codes[i]
+
+
+@njit(cache=True)
+def _advance(state, rate, dt, step_sd, noisy, rail_v, rng):
+    """One Euler-Maruyama step V += rate dt + step_sd N(0, 1), then the rails (rail_v <= 0: none).
+
+    Returns (a node hit a rail, a node ran away past RUNAWAY_V).  Draws one normal per cell when noisy."""
+    saturated = False
+    runaway = False
+    for i in range(state.shape[0]):
+        v = state[i] + dt * rate[i]
+        if noisy:
+            v += step_sd[i] * rng.standard_normal()
+        if rail_v > 0.0:
+            if v > rail_v:
+                v = rail_v
+                saturated = True
+            elif v < -rail_v:
+                v = -rail_v
+                saturated = True
+        elif not abs(v) < RUNAWAY_V:
+            runaway = True
+        state[i] = v
+    return saturated, runaway
+
+
+@njit(cache=True)
+def _sample(
+    state, adc_gain, adc_offset_v, adc_noise_v, adc_lsb, adc_code_max, rng, acc,
+    codes, index, cov_acc, snapshots, snapshot_stride,
+):  # fmt: skip
+    """One ADC conversion of every cell: codes added to ``acc`` and, when ``codes`` has room
+    (a recording run), recorded as conversion ``index`` by :func:`_record`.  Returns the clip count."""
+    n = state.shape[0]
+    recording = codes.shape[0] > 0
+    clipped = 0
+    for i in range(n):
+        code, clip = _adc_convert(state[i], adc_gain[i], adc_offset_v[i], adc_noise_v, adc_lsb, adc_code_max, rng)
+        acc[i] += code
+        clipped += clip
+        if recording:
+            codes[i] = code
+    if recording:
+        _record(codes, index, cov_acc, snapshots, snapshot_stride)
+    return clipped
 
 
 @njit(cache=True)
@@ -219,35 +247,18 @@ def _run_ggn(
         np.dot(j, state, stage1)
         np.dot(h, stage1, stage2)
         np.dot(stage2, jt, work)
-        runaway = False
         for i in range(n):
-            v = state[i] + dt * (force[i] - inv_c[i] * (work[i] + damping[i] * state[i]))
-            if noisy:
-                v += step_sd[i] * rng.standard_normal()
-            if rail_v > 0.0:
-                if v > rail_v:
-                    v = rail_v
-                    saturated = True
-                elif v < -rail_v:
-                    v = -rail_v
-                    saturated = True
-            elif not abs(v) < RUNAWAY_V:
-                runaway = True
-            state[i] = v
+            work[i] = force[i] - inv_c[i] * (work[i] + damping[i] * state[i])
+        hit, runaway = _advance(state, work, dt, step_sd, noisy, rail_v, rng)
+        saturated = saturated or hit
         if runaway:
             return step, samples, saturated, clipped, True
         if step >= first_sample_step and step % steps_per_sample == 0:
             samples += 1
-            for i in range(n):
-                code, clip = _adc_convert(
-                    state[i], adc_gain[i], adc_offset_v[i], adc_noise_v, adc_lsb, adc_code_max, rng
-                )
-                acc[i] += code
-                clipped += clip
-                if recording:
-                    codes[i] = code
-            if recording:
-                _record(codes, samples - 1, cov_acc, snapshots, snapshot_stride)
+            clipped += _sample(
+                state, adc_gain, adc_offset_v, adc_noise_v, adc_lsb, adc_code_max, rng, acc,
+                codes, samples - 1, cov_acc, snapshots, snapshot_stride,
+            )  # fmt: skip
     return n_steps, samples, saturated, clipped, False
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._kernels import _BLAS_MIN_CELLS, RUNAWAY_V, _adc_convert, _record
+from ._kernels import _BLAS_MIN_CELLS, RUNAWAY_V, _sample
 
 
 @njit(cache=True)
@@ -119,14 +119,8 @@ def _run_lc(
             return step, samples, saturated, clipped, True
         if step >= first_sample_step and step % steps_per_sample == 0:
             samples += 1
-            for i in range(n):
-                code, clip = _adc_convert(
-                    position[i], adc_gain[i], adc_offset_v[i], adc_noise_v, adc_lsb, adc_code_max, rng
-                )
-                acc[i] += code
-                clipped += clip
-                if recording:
-                    codes[i] = code
-            if recording:
-                _record(codes, samples - 1, cov_acc, snapshots, snapshot_stride)
+            clipped += _sample(
+                position, adc_gain, adc_offset_v, adc_noise_v, adc_lsb, adc_code_max, rng, acc,
+                codes, samples - 1, cov_acc, snapshots, snapshot_stride,
+            )  # fmt: skip
     return n_steps, samples, saturated, clipped, False
