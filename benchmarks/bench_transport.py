@@ -16,6 +16,8 @@ Rows:
   engine "auto" (exact here), median over ``--repeats`` rounds; "+" is the median of
   the per-round difference, what the link adds.  Target: TCP median <= 300 us.
 * one exchange: ``status()``, the smallest command, median; the link's floor.
+* bare socket: a 28-byte echo between two Python processes over loopback TCP, no
+  protocol at all, median: what this machine charges per exchange before any framing.
 * bulk load: ``load_matrix(A)`` with A 1024 x 1024 on tngd-sim (16-bit element
   codes, 4096 cells), sent as int64 codes: 8 MiB of payload per load.  The time
   includes the driver's quantisation and the firmware's programming on both
@@ -42,6 +44,7 @@ import contextlib  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
@@ -125,6 +128,33 @@ def _bulk_frame(dev: driver.Device, codes: np.ndarray) -> Callable[[], object]:
     return call
 
 
+def _bare_socket_echo(rounds: int) -> float:
+    """Median seconds of a 28-byte (one frame header) echo to a forked Python process over loopback TCP."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    pid = os.fork()
+    if pid == 0:  # the echo process
+        peer, _ = listener.accept()
+        peer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while data := peer.recv(64):
+            peer.sendall(data)
+        os._exit(0)
+    listener.close()
+    times = []
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        message = bytes(28)
+        for _ in range(rounds + 50):
+            started = time.perf_counter()
+            sock.sendall(message)
+            got = 0
+            while got < len(message):
+                got += len(sock.recv(64))
+            times.append(time.perf_counter() - started)
+    os.waitpid(pid, 0)
+    return float(np.median(times[50:]))
+
+
 def _medians(times: dict[str, np.ndarray]) -> tuple[float, float]:
     return float(np.median(times["in-process"])), float(np.median(times["tcp"]))
 
@@ -167,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             inproc, tcp = _medians(_interleaved({"in-process": local.status, "tcp": remote.status}, repeats, 50))
             rows.append(("one exchange: status() (median)", f"{inproc * 1e6:.0f} us", f"{tcp * 1e6:.0f} us", "", ""))
+            floor = _bare_socket_echo(repeats)
+            label = "bare socket: 28-byte echo to another process, no protocol (median)"
+            rows.append((label, "", f"{floor * 1e6:.0f} us", "", ""))
             # the bulk frame alone: 8 MiB of codes that spu-8 receives, checks, decodes, and refuses on shape
             times = _interleaved(
                 {"in-process": _bulk_frame(local, codes), "tcp": _bulk_frame(remote, codes)}, bulk_repeats, 2
