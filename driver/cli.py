@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--seed", type=int, default=None, help="device seed (default: fresh entropy)")
     serve.add_argument("--frame-timeout", type=float, default=None, help="seconds a frame may take once begun")
     serve.add_argument("--idle-timeout", type=float, default=None, help="seconds the holder may stay silent")
+    serve.add_argument(
+        "--poll-us",
+        type=float,
+        default=None,
+        help="microseconds to busy-poll for the next request after a reply (default 500; 0: sleep at once)",
+    )
     serve.set_defaults(func=_serve)
     return parser
 
@@ -118,8 +124,9 @@ def _serve(args: argparse.Namespace) -> int:
     # emulator's server here, lazily; the driver package itself never does.
     from spu_emulator.server import serve
 
-    timeouts = {"frame_timeout": args.frame_timeout, "idle_timeout": args.idle_timeout}
-    return serve(args.preset, args.host, args.port, args.seed, **{k: v for k, v in timeouts.items() if v is not None})
+    poll_s = None if args.poll_us is None else args.poll_us * 1e-6
+    options = {"frame_timeout": args.frame_timeout, "idle_timeout": args.idle_timeout, "poll_s": poll_s}
+    return serve(args.preset, args.host, args.port, args.seed, **{k: v for k, v in options.items() if v is not None})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

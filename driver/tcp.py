@@ -6,7 +6,11 @@ board that speaks ``firmware_spec/PROTOCOL.md``).  Frames are built and parsed b
 driver uses ``spu_emulator`` code, as a transport (DESIGN section 2).
 
 Timeouts: ``timeout`` seconds for the connection and for each reply (default
-protocol.yaml ``timing.client_timeout_s``; ``math.inf`` waits for ever).  A reply
+protocol.yaml ``timing.client_timeout_s``; ``math.inf`` waits for ever).  After
+sending a request the transport busy-polls for the reply for ``poll_s`` seconds
+(default ``timing.polling.host_poll_s``, 1 ms) before sleeping in the kernel:
+a short command's reply is then taken without a wake-up, as a GPU driver spins
+on a short kernel.  A reply
 that does not come in time raises LinkTimeoutError, a dropped link LinkError; the
 connection is then closed and the next call reconnects.  On reconnection the
 transport checks with INFO that it reaches the same device (spec and seed); the
@@ -31,6 +35,7 @@ from .protocol import Opcode, Status
 __all__ = ["TcpTransport", "open_tcp", "parse_url", "DEFAULT_TIMEOUT_S"]
 
 DEFAULT_TIMEOUT_S: float = wire.TIMING.client_timeout_s
+DEFAULT_POLL_S: float = wire.TIMING.host_poll_s
 _CLOSE_WAIT_S = 2.0  # close() waits this long at most for the device to confirm it is free
 
 
@@ -49,11 +54,16 @@ def parse_url(url: str) -> tuple[str, int]:
 class TcpTransport:
     """A device at the other end of a TCP connection."""
 
-    def __init__(self, host: str, port: int, timeout: float | None = None):
+    def __init__(self, host: str, port: int, timeout: float | None = None, poll_s: float | None = None):
         if timeout is None:
             timeout = DEFAULT_TIMEOUT_S
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise InvalidInputError(f"timeout must be a positive number of seconds (math.inf: none), got {timeout!r}")
+        if poll_s is None:
+            poll_s = DEFAULT_POLL_S
+        if isinstance(poll_s, bool) or not isinstance(poll_s, (int, float)) or not 0.0 <= poll_s <= 1.0:
+            raise InvalidInputError(f"poll_s must be a number of seconds in [0, 1] (0: no polling), got {poll_s!r}")
+        self.poll_s = float(poll_s)
         self.host, self.port = host, port
         self.timeout: float | None = None if math.isinf(timeout) else float(timeout)
         self._sock: socket.socket | None = None
@@ -113,7 +123,7 @@ class TcpTransport:
         what = f"{_name(opcode)} to {self.url}"
         try:
             wire.send_frame(self._sock, frame, self.timeout)
-            header, body = self._reader.read(self.timeout, self.timeout)
+            header, body = self._reader.read(self.timeout, self.timeout, self.poll_s)
             reply = wire.open_frame(header, body, wire.REPLY)
         except (TimeoutError, wire.LinkTimeout):
             self._drop()
@@ -180,7 +190,7 @@ def _name(opcode: int) -> str:
         return f"opcode {opcode}"
 
 
-def open_tcp(url: str, seed: int | None = None, timeout: float | None = None):
+def open_tcp(url: str, seed: int | None = None, timeout: float | None = None, poll_s: float | None = None):
     """``driver.open("tcp://HOST:PORT")``: a Device over a TcpTransport (see :func:`driver.open`).
 
     The device is reset on open (power-on state, noise stream restarted), as opening an
@@ -192,7 +202,7 @@ def open_tcp(url: str, seed: int | None = None, timeout: float | None = None):
     from .device import Device
 
     host, port = parse_url(url)
-    transport = TcpTransport(host, port, timeout=timeout)
+    transport = TcpTransport(host, port, timeout=timeout, poll_s=poll_s)
     try:
         device = Device(transport, label=f"device at {transport.url}")
         if seed is not None and device.info.seed_entropy != str(seed):

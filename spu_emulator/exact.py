@@ -89,9 +89,14 @@ class LinearModel:
     eigenvalues: np.ndarray | None = None
     eigenvectors: np.ndarray | None = None
     eigenvectors_inv: np.ndarray | None = None
+    # what runs of the same length reuse (a TNGD loop repeats one t): see _memoised
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     def transition(self, h: float) -> np.ndarray:
-        """e^{-M h}, (n, n).  Cost O(n^3)."""
+        """e^{-M h}, (n, n).  Cost O(n^3), once per h (memoised)."""
+        return _memoised(self._memo, ("transition", h), lambda: self._transition(h))
+
+    def _transition(self, h: float) -> np.ndarray:
         if self.form == "modal":
             return (self.modes * np.exp(-self.rates * h)) @ self.modes.T
         if self.eigenvectors is None:
@@ -99,13 +104,23 @@ class LinearModel:
         return ((self.eigenvectors * np.exp(-self.eigenvalues * h)) @ self.eigenvectors_inv).real
 
     def fixed_point(self, force: np.ndarray) -> np.ndarray:
-        """V* = M^-1 f.  Cost O(n^2)."""
-        if self.form == "modal":
-            return self.modes @ ((self.modes.T @ force) / self.rates)
-        return scipy.linalg.lu_solve(self.lu, force)
+        """V* = M^-1 f.  Cost O(n^2), once per force array (the engine choice and the run share it)."""
+        if self._memo.get("force") is not force:
+            if self.form == "modal":
+                target = self.modes @ ((self.modes.T @ force) / self.rates)
+            else:
+                # LAPACK's getrs itself, as lu_solve calls it, without the wrapper's checks (tens of us at small n)
+                target, info = _getrs(*self.lu, force)
+                if info != 0:
+                    raise ValueError(f"getrs failed with info {info}")
+            self._memo.update(force=force, target=target)
+        return self._memo["target"]
 
     def fresh_var(self, period: float) -> np.ndarray:
-        """diag(Q): variance a sample adds that the previous sample did not predict, volts^2."""
+        """diag(Q): variance a sample adds that the previous sample did not predict, volts^2.  Memoised."""
+        return _memoised(self._memo, ("fresh_var", period), lambda: self._fresh_var(period))
+
+    def _fresh_var(self, period: float) -> np.ndarray:
         if self.form == "modal":
             phi2 = np.exp(-2.0 * self.rates * period)
             q = self.noise_level**2 * (1.0 - phi2) / (2.0 * self.rates)
@@ -180,6 +195,23 @@ def prepare(drift: np.ndarray, noise_sd: np.ndarray) -> LinearModel:
     )
 
 
+_getrs = scipy.linalg.lapack.get_lapack_funcs("getrs", (np.zeros(1),))
+_MEMO_ENTRIES = 64  # a model forgets its memo past this many entries (runs of many different lengths)
+
+
+def _memoised(memo: dict, key: tuple, make):
+    """memo[key], made by make() on first use.  The memo lives on a model, which is made afresh
+    whenever the array, its noise or its parts change, so nothing stale is ever read."""
+    try:
+        return memo[key]
+    except KeyError:
+        pass
+    if len(memo) >= _MEMO_ENTRIES:
+        memo.clear()
+    value = memo[key] = make()
+    return value
+
+
 def window(t: float, burn_in: float, period: float) -> tuple[int, int]:
     """ADC sample times of a run: indices m0 < m <= m1 of the clock m * period in (burn_in, t].
 
@@ -252,19 +284,27 @@ def _window_coefficients(lam, s2, period, count):
     return mean_sum, mean_last, l11, l21, l22
 
 
+def _scalar_hop(memo, lam, s2, h):
+    return _memoised(memo, ("hop", h), lambda: _hop_coefficients(lam, s2, h))
+
+
+def _scalar_window(memo, lam, s2, period, count):
+    return _memoised(memo, ("window", period, count), lambda: _window_coefficients(lam, s2, period, count))
+
+
 def _propagate_modal(model, d0, head, count, period, tail, rng):
     lam = model.rates
     s2 = model.noise_level**2
     y = model.modes.T @ d0
 
     def hop(y, h):
-        decay, sd = _hop_coefficients(lam, s2, h)
+        decay, sd = _scalar_hop(model._memo, lam, s2, h)
         return decay * y + sd * rng.standard_normal(lam.shape[0]) if s2 > 0.0 else decay * y
 
     y = hop(y, head)
     total = np.zeros_like(y)
     if count:
-        mean_sum, mean_last, l11, l21, l22 = _window_coefficients(lam, s2, period, count)
+        mean_sum, mean_last, l11, l21, l22 = _scalar_window(model._memo, lam, s2, period, count)
         if s2 > 0.0:
             z1 = rng.standard_normal(lam.shape[0])
             z2 = rng.standard_normal(lam.shape[0])
@@ -278,55 +318,71 @@ def _propagate_modal(model, d0, head, count, period, tail, rng):
 
 
 def _propagate_general(model, d0, head, count, period, tail, rng):
-    m = model.drift
-    n = m.shape[0]
-    sigma = model.stationary_cov
+    """Draw order: n normals for the head hop (when head > 0), 2n for the window (when it has samples),
+    n for the tail hop (when tail > 0); none without noise.  O(n^2) per run once the coefficients of
+    its (head, count, period, tail) are memoised, O(n^3) before."""
+    n = model.drift.shape[0]
     noisy = bool(np.any(model.noise_sd > 0.0))
 
     def hop(d, h):
         if h == 0.0:
             return d
-        f = model.transition(h)
+        f, root = _memoised(model._memo, ("hop", h), lambda: _general_hop(model, h, noisy))
         d = f @ d
         if noisy:
-            d = d + _gaussian(sigma - f @ sigma @ f.T, rng)
+            d = d + root @ rng.standard_normal(n)
         return d
 
     d = hop(d0, head)
     total = np.zeros(n)
     if count:
-        eye = np.eye(n)
-        phi = model.transition(period)
-        phi_k = model.transition(period * count)
-        inv = np.linalg.inv(eye - phi)
-        a0 = inv @ (eye - phi_k)  # sum_{m<K} Phi^m
-        a1 = phi @ a0  # sum_{1<=m<=K} Phi^m
-        mean_sum = a1 @ d
-        mean_last = phi_k @ d
+        a1, phi_k, root = _memoised(
+            model._memo, ("window", period, count), lambda: _general_window(model, period, count, noisy)
+        )
+        total = a1 @ d
+        d = phi_k @ d
         if noisy:
-            q = sigma - phi @ sigma @ phi.T
-            phi_k1 = phi @ phi_k
-            cov_sum = inv @ (count * q - a1 @ q - q @ a1.T + phi @ sigma @ phi.T - phi_k1 @ sigma @ phi_k1.T) @ inv.T
-            cov_last = sigma - phi_k @ sigma @ phi_k.T
-            cross = inv @ (q @ a0.T - phi @ cov_last)
-            joint = np.block([[cov_sum, cross], [cross.T, cov_last]])
-            draw = _gaussian(joint, rng)
-            total = mean_sum + draw[:n]
-            d = mean_last + draw[n:]
-        else:
-            total, d = mean_sum, mean_last
+            draw = root @ rng.standard_normal(2 * n)
+            total = total + draw[:n]
+            d = d + draw[n:]
     return total, hop(d, tail)
 
 
-def _gaussian(cov: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One draw of N(0, cov) for a covariance that may be singular to round-off."""
+def _general_hop(model, h, noisy):
+    """(e^{-M h}, a square root of the hop's covariance Sigma - e^{-M h} Sigma e^{-M h}^T, None without noise)."""
+    f = model.transition(h)
+    sigma = model.stationary_cov
+    return f, _covariance_root(sigma - f @ sigma @ f.T) if noisy else None
+
+
+def _general_window(model, period, count, noisy):
+    """(sum_{1<=m<=K} Phi^m, Phi^K, a square root of the joint covariance of (sum, d_K); None without noise)."""
+    n = model.drift.shape[0]
+    sigma = model.stationary_cov
+    eye = np.eye(n)
+    phi = model.transition(period)
+    phi_k = model.transition(period * count)
+    inv = np.linalg.inv(eye - phi)
+    a0 = inv @ (eye - phi_k)  # sum_{m<K} Phi^m
+    a1 = phi @ a0  # sum_{1<=m<=K} Phi^m
+    if not noisy:
+        return a1, phi_k, None
+    q = sigma - phi @ sigma @ phi.T
+    phi_k1 = phi @ phi_k
+    cov_sum = inv @ (count * q - a1 @ q - q @ a1.T + phi @ sigma @ phi.T - phi_k1 @ sigma @ phi_k1.T) @ inv.T
+    cov_last = sigma - phi_k @ sigma @ phi_k.T
+    cross = inv @ (q @ a0.T - phi @ cov_last)
+    return a1, phi_k, _covariance_root(np.block([[cov_sum, cross], [cross.T, cov_last]]))
+
+
+def _covariance_root(cov: np.ndarray) -> np.ndarray:
+    """R with R R^T = cov, for a covariance that may be singular to round-off (N(0, cov) is R z)."""
     cov = 0.5 * (cov + cov.T)
-    z = rng.standard_normal(cov.shape[0])
     try:
-        return np.linalg.cholesky(cov) @ z
+        return np.linalg.cholesky(cov)
     except np.linalg.LinAlgError:
         values, vectors = np.linalg.eigh(cov)
-        return vectors @ (np.sqrt(np.clip(values, 0.0, None)) * z)
+        return vectors * np.sqrt(np.clip(values, 0.0, None))
 
 
 # --------------------------------------------------------------------------- structured (GGN) arrays
@@ -523,14 +579,14 @@ def _propagate_lowrank(model, d0, head, count, period, tail, rng):
         return sum(v[0] for v in vectors), sum(v[1] for v in vectors)
 
     def hop(vector, h, column):
-        decay, sd = _hop_coefficients(lam, s2, h)
+        decay, sd = _scalar_hop(model._memo, lam, s2, h)
         moved = apply(decay, vector)
         return add(moved, apply(sd, (basis[column], zero))) if noisy else moved
 
     d = hop((basis[0], zero), head, 1)
     total = (np.zeros(len(columns)), zero)
     if count:
-        mean_sum, mean_last, l11, l21, l22 = _window_coefficients(lam, s2, period, count)
+        mean_sum, mean_last, l11, l21, l22 = _scalar_window(model._memo, lam, s2, period, count)
         if noisy:
             z1, z2 = (basis[2], zero), (basis[3], zero)
             total = add(apply(mean_sum, d), apply(l11, z1))

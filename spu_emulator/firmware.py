@@ -228,6 +228,8 @@ class Firmware:
         self._linear: LinearModel | LowRankModel | None = None
         self._linear_why = ""  # why there is no exact model, when there is none
         self._linear_for: object | None = None  # the programmed array _linear was made for
+        self._limits_for: object | None = None  # the model _limits were computed for
+        self._limits: dict[float, np.ndarray | None] = {}  # _reach_limit per z
         self._vector_codes: np.ndarray | None = None
         self._force: np.ndarray | None = None
         self._acc: np.ndarray | None = None
@@ -667,6 +669,11 @@ class Firmware:
         if model is None or not (model.stable and (model.contractive or self._lc)):
             return False
         n = self._matrix.n
+        looks = 2.0 * n * (1.0 + t * model.rate_max)
+        z = max(6.0, math.sqrt(2.0 * math.log(looks / 1e-9)))
+        limit = self._reach_limit(model, z)
+        if limit is None:
+            return False
         target = model.fixed_point(self._phase_force())
         if self._lc:  # an oscillator overshoots: bound its mean path by a Lyapunov level set instead
             reach = self._oscillator.reach(self._phase_state(), target)
@@ -674,21 +681,34 @@ class Firmware:
                 return False
         else:
             reach = model.reach(self._state[:n], target)
-        looks = 2.0 * n * (1.0 + t * model.rate_max)
-        z = max(6.0, math.sqrt(2.0 * math.log(looks / 1e-9)))
+        return not np.any(reach >= limit)
+
+    def _reach_limit(self, model: LinearModel | LowRankModel, z: float) -> np.ndarray | None:
+        """Per cell, the reach of the mean path that leaves z stationary standard deviations inside the
+        rails and inside the ADC's full scale (gain |g|, offset o: |g| (reach + z spread) + |o| < range),
+        volts (n,); None when the ADC is not dithered, whatever the reach.  Depends on the model and z
+        only, so it is kept for the model's lifetime: a loop of equal runs pays O(n) per run."""
+        if self._limits_for is not model:
+            self._limits_for, self._limits = model, {}
+        if z in self._limits:
+            return self._limits[z]
+        n = self._matrix.n
         stationary_var = model.stationary_var_upper()[:n]  # of the node voltages (x of an oscillator's (x, p))
-        if self.spec.rails.enabled and np.any(reach + z * np.sqrt(stationary_var) >= self.spec.rails.v_rail):
-            return False
+        limit = np.full(n, np.inf)
+        if self.spec.rails.enabled:
+            limit = np.minimum(limit, self.spec.rails.v_rail - z * np.sqrt(stationary_var))
         adc = self.spec.adc
         if adc.bits > 0:
-            spread = np.sqrt(stationary_var + adc.noise_v**2)
-            seen = np.abs(self.parts.adc_gain[:n]) * (reach + z * spread) + np.abs(self.parts.adc_offset_v[:n])
-            if np.any(seen >= adc.range_v):
-                return False
             fresh = model.fresh_var_lower(1.0 / adc.sample_rate)[:n] + adc.noise_v**2
             if np.any(np.sqrt(fresh) < 0.5 * self._adc_lsb()):
-                return False
-        return True
+                self._limits[z] = None
+                return None
+            spread = np.sqrt(stationary_var + adc.noise_v**2)
+            with np.errstate(divide="ignore"):
+                span = (adc.range_v - np.abs(self.parts.adc_offset_v[:n])) / np.abs(self.parts.adc_gain[:n])
+            limit = np.minimum(limit, span - z * spread)
+        self._limits[z] = limit
+        return limit
 
     def _refuse_clipped_equilibrium(self, model: LinearModel, target: np.ndarray) -> None:
         """The exact engine has no rails and no ADC full scale: refuse when the equilibrium itself

@@ -136,6 +136,10 @@ def render(doc: Mapping[str, Any] | None = None) -> str:
             for name, entry in doc["timing"]["timeouts"].items()
         ],
     )
+    out += _table(
+        ["polling window", "seconds", "meaning"],
+        [(f"`{name}`", entry["value"], entry["doc"]) for name, entry in doc["timing"]["polling"].items()],
+    )
 
     out += ["### Commands", ""]
     sizes = ", ".join(f"{symbol} = {size}" for symbol, size in _EXAMPLE_SIZES.items())

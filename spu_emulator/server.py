@@ -70,6 +70,8 @@ class DeviceServer:
     host, port: where to listen (port 0 picks a free one; see ``address`` and ``url``).
     frame_timeout, busy_timeout, idle_timeout: seconds, defaults from protocol.yaml
     ``timing``; idle_timeout None lets the holder stay silent for ever.
+    poll_s: after each reply the device process busy-polls for the next request this long
+    before it sleeps (``timing.polling.device_poll_s``; 0 sleeps at once).
     max_connections: hosts waiting for their BUSY answer at once; more are closed on accept.
 
     The firmware object passed in is copied into the device process when the server is
@@ -87,6 +89,7 @@ class DeviceServer:
         frame_timeout: float = wire.TIMING.frame_timeout_s,
         busy_timeout: float = wire.TIMING.busy_timeout_s,
         idle_timeout: float | None = wire.TIMING.idle_timeout_s,
+        poll_s: float = wire.TIMING.device_poll_s,
         max_connections: int = 16,
     ):
         if not hasattr(os, "fork") or not hasattr(socket, "send_fds"):
@@ -96,6 +99,8 @@ class DeviceServer:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
         if idle_timeout is not None and not idle_timeout > 0:
             raise ValueError(f"idle_timeout must be a positive number of seconds or None, got {idle_timeout!r}")
+        if not 0.0 <= poll_s <= 1.0:
+            raise ValueError(f"poll_s must be between 0 and 1 s, got {poll_s!r}")
         self.spec = firmware.spec
         self.frame_timeout = frame_timeout
         self.busy_timeout = busy_timeout
@@ -110,7 +115,7 @@ class DeviceServer:
             code = 1
             try:
                 _leave_front_behind(keep=device_end.fileno())
-                _DeviceProcess(firmware, device_end, frame_timeout, idle_timeout).run()
+                _DeviceProcess(firmware, device_end, frame_timeout, idle_timeout, poll_s).run()
                 code = 0
             except BaseException:
                 traceback.print_exc()
@@ -353,11 +358,19 @@ class _DeviceProcess:
     """The device process: receives one host connection at a time from the front process and
     serves it, frame after frame, until it ends; then reports and waits for the next."""
 
-    def __init__(self, firmware: Firmware, control: socket.socket, frame_timeout: float, idle_timeout: float | None):
+    def __init__(
+        self,
+        firmware: Firmware,
+        control: socket.socket,
+        frame_timeout: float,
+        idle_timeout: float | None,
+        poll_s: float,
+    ):
         self.firmware = firmware
         self.control = control
         self.frame_timeout = frame_timeout
         self.idle_timeout = idle_timeout
+        self.poll_s = poll_s
 
     def run(self) -> None:
         while True:
@@ -393,7 +406,7 @@ class _DeviceProcess:
         try:
             while True:
                 try:
-                    header, payload = reader.read(self.idle_timeout, self.frame_timeout)
+                    header, payload = reader.read(self.idle_timeout, self.frame_timeout, self.poll_s)
                 except wire.LinkClosed as exc:
                     return requests, ("stopped mid-frame: " + str(exc)) if exc.mid_frame else "closed by the host"
                 except wire.LinkTimeout as exc:
@@ -440,6 +453,7 @@ def serve(
     *,
     frame_timeout: float = wire.TIMING.frame_timeout_s,
     idle_timeout: float | None = wire.TIMING.idle_timeout_s,
+    poll_s: float = wire.TIMING.device_poll_s,
 ) -> int:
     """Serve one emulated device until SIGINT or SIGTERM (``spu serve``); returns 0, or 1 if
     the device process failed.
@@ -450,7 +464,12 @@ def serve(
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s spu serve: %(message)s")
     server = DeviceServer(
-        Firmware(load_spec(spec), seed=seed), host, port, frame_timeout=frame_timeout, idle_timeout=idle_timeout
+        Firmware(load_spec(spec), seed=seed),
+        host,
+        port,
+        frame_timeout=frame_timeout,
+        idle_timeout=idle_timeout,
+        poll_s=poll_s,
     )
 
     def stop(signum: int, _frame: Any) -> None:

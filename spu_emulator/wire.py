@@ -118,15 +118,23 @@ LIMITS = Limits(**PROTOCOL["limits"])
 
 @dataclass(frozen=True)
 class Timing:
-    """Timeouts of an exchange, in seconds (protocol.yaml ``timing``); None: no limit."""
+    """Timeouts of an exchange and polling windows, in seconds (protocol.yaml ``timing``); None: no limit."""
 
     frame_timeout_s: float
     busy_timeout_s: float
     idle_timeout_s: float | None
     client_timeout_s: float
+    device_poll_s: float
+    host_poll_s: float
 
 
-TIMING = Timing(**{name: entry["value"] for name, entry in PROTOCOL["timing"]["timeouts"].items()})
+TIMING = Timing(
+    **{
+        name: entry["value"]
+        for section in ("timeouts", "polling")
+        for name, entry in PROTOCOL["timing"][section].items()
+    }
+)
 
 FrameErrorCode = IntEnum("FrameErrorCode", {name: entry["code"] for name, entry in PROTOCOL["frame_errors"].items()})
 _CLOSES = {FrameErrorCode[name]: bool(entry["closes"]) for name, entry in PROTOCOL["frame_errors"].items()}
@@ -513,15 +521,22 @@ class FrameReader:
         self._start = 0  # unread bytes are _buffer[_start:_end]
         self._end = 0
 
-    def read(self, first_timeout: float | None, frame_timeout: float | None) -> tuple[Header, bytearray]:
+    def read(
+        self, first_timeout: float | None, frame_timeout: float | None, poll_s: float = 0.0
+    ) -> tuple[Header, bytearray]:
         """One frame: wait up to ``first_timeout`` s for its first byte (None: for ever),
         then up to ``frame_timeout`` s for the rest.  Returns the checked header and the
         raw payload (pass both to :func:`open_frame`).
 
+        poll_s: busy-poll the socket for up to this many seconds before sleeping in the
+        kernel (see protocol.yaml ``timing.polling``): a frame that comes within it is
+        taken without a wake-up, which on a virtual machine costs tens of microseconds
+        per exchange; the price is a core kept busy for that long.
+
         Raises LinkClosed (EOF), LinkTimeout, FrameError (header errors: the stream is
         out of step, the connection should close) or OSError.
         """
-        header, deadline = self.read_header(first_timeout, frame_timeout)
+        header, deadline = self.read_header(first_timeout, frame_timeout, poll_s)
         length = header.payload_length
         have = min(length, self._end - self._start)
         if have == length:
@@ -533,16 +548,20 @@ class FrameReader:
         self._start += have
         return header, payload
 
-    def read_header(self, first_timeout: float | None, frame_timeout: float | None) -> tuple[Header, float | None]:
+    def read_header(
+        self, first_timeout: float | None, frame_timeout: float | None, poll_s: float = 0.0
+    ) -> tuple[Header, float | None]:
         """The next frame's header only (its payload is left unread), and the deadline for the
-        rest of the frame.  Timeouts and errors as :meth:`read`."""
+        rest of the frame.  Timeouts, polling and errors as :meth:`read`."""
         if self._start == self._end:
             self._start = self._end = 0
-            _set_timeout(self.sock, first_timeout)
-            try:
-                count = self.sock.recv_into(self._view)
-            except TimeoutError:
-                raise LinkTimeout(f"no frame within {first_timeout:g} s", False) from None
+            count = _recv_polling(self.sock, self._view, poll_s) if poll_s > 0.0 else None
+            if count is None:
+                _set_timeout(self.sock, first_timeout)
+                try:
+                    count = self.sock.recv_into(self._view)
+                except TimeoutError:
+                    raise LinkTimeout(f"no frame within {first_timeout:g} s", False) from None
             if count == 0:
                 raise LinkClosed("the connection closed", False)
             self._end = count
@@ -558,6 +577,20 @@ class FrameReader:
         header = parse_header(self._view[self._start : self._start + HEADER.size])
         self._start += HEADER.size
         return header, deadline
+
+
+def _recv_polling(sock: socket.socket, view: memoryview, window_s: float) -> int | None:
+    """Non-blocking receives into ``view`` for up to ``window_s`` s; the byte count (0: EOF), or
+    None when nothing came in that time."""
+    _set_timeout(sock, 0.0)
+    clock = time.perf_counter
+    end = clock() + window_s
+    while True:
+        try:
+            return sock.recv_into(view)
+        except BlockingIOError:
+            if clock() >= end:
+                return None
 
 
 def _recv_at_least(sock: socket.socket, view: memoryview, need: int, deadline: float | None, what: str) -> int:
