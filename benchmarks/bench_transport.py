@@ -15,9 +15,15 @@ Rows:
   ideal preset and on spu-8 (every non-ideality on), matrix loaded once, default
   engine "auto" (exact here), median over ``--repeats`` rounds; "+" is the median of
   the per-round difference, what the link adds.  Target: TCP median <= 300 us.
+* polling off: the ideal round trip again, against a server started with
+  ``--poll-us 0`` from a host opened with ``poll_s=0``, so both ends sleep in the
+  kernel as soon as they wait (interleaved with the default, which polls for
+  500 us on the device and 1 ms on the host; protocol.yaml ``timing.polling``).
 * one exchange: ``status()``, the smallest command, median; the link's floor.
 * bare socket: a 28-byte echo between two Python processes over loopback TCP, no
-  protocol at all, median: what this machine charges per exchange before any framing.
+  protocol at all, median, with both ends sleeping in ``recv`` and with both
+  spinning on non-blocking receives: what this machine charges per exchange
+  before any framing, and how much of that is the wake-up.
 * bulk load: ``load_matrix(A)`` with A 1024 x 1024 on tngd-sim (16-bit element
   codes, 4096 cells), sent as int64 codes: 8 MiB of payload per load.  The time
   includes the driver's quantisation and the firmware's programming on both
@@ -62,9 +68,9 @@ SEED = 0
 
 
 @contextlib.contextmanager
-def served(spec: str) -> Iterator[str]:
-    """``spu serve SPEC`` in a subprocess on a free loopback port; yields its tcp:// address."""
-    command = [sys.executable, "-m", "driver.cli", "serve", spec, "--port", "0", "--seed", str(SEED)]
+def served(spec: str, *options: str) -> Iterator[str]:
+    """``spu serve SPEC [OPTIONS]`` in a subprocess on a free loopback port; yields its tcp:// address."""
+    command = [sys.executable, "-m", "driver.cli", "serve", spec, "--port", "0", "--seed", str(SEED), *options]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     found: list[str] = []
     ready = threading.Event()
@@ -128,28 +134,42 @@ def _bulk_frame(dev: driver.Device, codes: np.ndarray) -> Callable[[], object]:
     return call
 
 
-def _bare_socket_echo(rounds: int) -> float:
-    """Median seconds of a 28-byte (one frame header) echo to a forked Python process over loopback TCP."""
+def _receive(sock: socket.socket, poll: bool) -> bytes:
+    """One recv: blocking, or (poll) non-blocking tries until something comes."""
+    if not poll:
+        return sock.recv(64)
+    while True:
+        try:
+            return sock.recv(64)
+        except BlockingIOError:
+            pass
+
+
+def _bare_socket_echo(rounds: int, poll: bool) -> float:
+    """Median seconds of a 28-byte (one frame header) echo to a forked Python process over loopback TCP;
+    with ``poll`` both ends spin on non-blocking receives instead of sleeping in the kernel."""
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     pid = os.fork()
     if pid == 0:  # the echo process
         peer, _ = listener.accept()
         peer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        while data := peer.recv(64):
+        peer.setblocking(not poll)
+        while data := _receive(peer, poll):
             peer.sendall(data)
         os._exit(0)
     listener.close()
     times = []
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(not poll)
         message = bytes(28)
         for _ in range(rounds + 50):
             started = time.perf_counter()
             sock.sendall(message)
             got = 0
             while got < len(message):
-                got += len(sock.recv(64))
+                got += len(_receive(sock, poll))
             times.append(time.perf_counter() - started)
     os.waitpid(pid, 0)
     return float(np.median(times[50:]))
@@ -193,13 +213,30 @@ def main(argv: list[str] | None = None) -> int:
                     "PASS" if tcp * 1e6 <= ROUND_TRIP_TARGET_US else "MISS",
                 )
             )
-            if spec != "spu-8":
+            if spec == "ideal":
+                # the same against a server and a host that sleep in the kernel at once (no polling window)
+                with served(spec, "--poll-us", "0") as sleepy_url, driver.open(sleepy_url, seed=SEED, poll_s=0) as slow:
+                    slow.load_matrix(a)
+                    sleeping = _interleaved(
+                        {"tcp": _round_trip(slow, b), "polling": _round_trip(remote, b)}, repeats, 50
+                    )
+                ratio = float(np.median(sleeping["tcp"]) / np.median(sleeping["polling"]))
+                rows.append(
+                    (
+                        f"  the same with polling off at both ends (median; {ratio:.2f}x the polling one)",
+                        "",
+                        f"{np.median(sleeping['tcp']) * 1e6:.0f} us",
+                        "",
+                        "",
+                    )
+                )
                 continue
             inproc, tcp = _medians(_interleaved({"in-process": local.status, "tcp": remote.status}, repeats, 50))
             rows.append(("one exchange: status() (median)", f"{inproc * 1e6:.0f} us", f"{tcp * 1e6:.0f} us", "", ""))
-            floor = _bare_socket_echo(repeats)
-            label = "bare socket: 28-byte echo to another process, no protocol (median)"
-            rows.append((label, "", f"{floor * 1e6:.0f} us", "", ""))
+            for poll, how in ((False, "sleeping"), (True, "polling")):
+                floor = _bare_socket_echo(repeats, poll)
+                label = f"bare socket: 28-byte echo to another process, no protocol, both ends {how} (median)"
+                rows.append((label, "", f"{floor * 1e6:.0f} us", "", ""))
             # the bulk frame alone: 8 MiB of codes that spu-8 receives, checks, decodes, and refuses on shape
             times = _interleaved(
                 {"in-process": _bulk_frame(local, codes), "tcp": _bulk_frame(remote, codes)}, bulk_repeats, 2

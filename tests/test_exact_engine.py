@@ -495,3 +495,100 @@ def test_exact_engine_is_reproducible(preset, form):
     assert [a.tobytes() for a in first] == [a.tobytes() for a in again]
     assert [a.tobytes() for a in first[:4]] == [a.tobytes() for a in first[4:]]  # after reset
     assert all(a.tobytes() != b.tobytes() for a, b in zip(first, other, strict=True))
+
+
+def _fresh_models(form: str):
+    """A model of each form, made afresh on every call (so its memo is empty)."""
+    rng = np.random.default_rng(11)
+    if form == "lowrank":
+        j = rng.standard_normal((3, 6))
+        h = np.diag([1.0, 0.5, 0.25])
+        cells = np.ones(6)
+        model, why = exact.prepare_ggn(j, h, 0.1 * cells, 2.0 * cells, 0.3 * cells)
+        assert model is not None, why
+        return model
+    q, _ = np.linalg.qr(rng.standard_normal((5, 5)))
+    drift = q @ np.diag([0.5, 1.0, 2.0, 3.0, 4.0]) @ q.T
+    if form == "modal":
+        return exact.prepare(0.5 * (drift + drift.T), np.full(5, 0.3))
+    return exact.prepare(drift + 0.2 * np.triu(rng.standard_normal((5, 5)), 1), np.linspace(0.2, 0.4, 5))
+
+
+@pytest.mark.parametrize("form", ["modal", "general", "lowrank"])
+def test_memoised_runs_give_the_bits_of_fresh_ones(form):
+    """Runs that reuse a model's memoised coefficients (the same length again, and so many lengths that the
+    memo is cleared on the way) draw exactly what a model made afresh for each run draws, from one stream."""
+    kept = _fresh_models(form)
+    assert kept.form == form
+    lengths = [(10.0, 0.0), (10.0, 0.0), (3.3, 1.1), (10.0, 0.0)] + [(1.0 + 0.1 * k, 0.5) for k in range(70)]
+    lengths += [(10.0, 0.0), (3.3, 1.1)]
+    n = kept.n if form == "lowrank" else kept.drift.shape[0]
+    state = np.linspace(-1.0, 1.0, n)
+    force = np.ones(n)
+    memo_rng, fresh_rng = np.random.default_rng(5), np.random.default_rng(5)
+    for t, burn_in in lengths:
+        fresh = _fresh_models(form)
+        got = exact.propagate(kept, state, kept.fixed_point(force), t, burn_in, 0.25, memo_rng)
+        want = exact.propagate(fresh, state, fresh.fixed_point(force), t, burn_in, 0.25, fresh_rng)
+        assert got[2] == want[2]
+        assert got[0].tobytes() == want[0].tobytes() and got[1].tobytes() == want[1].tobytes()
+        state = got[1]
+    assert len(kept._memo) <= exact._MEMO_ENTRIES
+
+
+def reference_is_safe(firmware, t: float) -> bool:
+    """auto's test for the exact engine written out directly (DESIGN 4.5): contractive (or an oscillator's
+    level set), reach + z sd inside the rails, |gain| (reach + z spread) + |offset| inside the ADC's
+    full scale, and fresh noise of at least half an LSB per sample."""
+    model = firmware._linear_model()
+    if model is None or not (model.stable and (model.contractive or firmware._lc)):
+        return False
+    n = firmware.matrix.n
+    target = model.fixed_point(firmware._phase_force())
+    if firmware._lc:
+        reach = firmware._oscillator.reach(firmware._phase_state(), target)
+    else:
+        reach = model.reach(firmware.analog_state()[:n], target)
+    if reach is None:
+        return False
+    z = max(6.0, math.sqrt(2.0 * math.log(2.0 * n * (1.0 + t * model.rate_max) / 1e-9)))
+    var = model.stationary_var_upper()[:n]
+    spec, parts = firmware.spec, firmware.parts
+    if spec.rails.enabled and np.any(reach + z * np.sqrt(var) >= spec.rails.v_rail):
+        return False
+    if spec.adc.bits > 0:
+        spread = np.sqrt(var + spec.adc.noise_v**2)
+        seen = np.abs(parts.adc_gain[:n]) * (reach + z * spread) + np.abs(parts.adc_offset_v[:n])
+        if np.any(seen >= spec.adc.range_v):
+            return False
+        lsb = spec.adc.range_v / (2 ** (spec.adc.bits - 1) - 1)
+        fresh = model.fresh_var_lower(1.0 / spec.adc.sample_rate)[:n] + spec.adc.noise_v**2
+        if np.any(np.sqrt(fresh) < 0.5 * lsb):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("preset", ["spu-8", "spu-8-lc"])
+def test_auto_choice_matches_its_definition(preset):
+    """The firmware keeps auto's per-cell limits for the life of a model; its choice equals the direct test
+    over inputs from well inside to beyond the limits, several run lengths, a new matrix and new noise."""
+    rng = np.random.default_rng(2)
+    q, _ = np.linalg.qr(rng.standard_normal((6, 6)))
+    decisions = {}
+    with driver.open(preset, seed=4) as dev:
+        firmware = dev.transport.firmware
+        # the second matrix is softer (a larger V* per volt in), the third load has 10 times the noise
+        for trial, (weakest, kappa0) in enumerate([(1.0, None), (0.7, None), (0.7, 10.0 * dev.info.kappa0)]):
+            dev.load_matrix(q @ np.diag(np.linspace(weakest, 2.0, 6)) @ q.T)
+            if kappa0 is not None:
+                dev.set_noise(kappa0)
+            for fraction in np.linspace(0.05, 1.0, 20):
+                dev.load_vector(q[:, 0], scale=1.0 / (fraction * dev.info.dac_range_v))
+                dev.run(40.0, engine="transient", on_saturation="flag")  # settle near V*: the reach is about |V*|
+                for t in (1.0, 1e4):
+                    decision = firmware._linear_is_safe(t)
+                    assert decision == reference_is_safe(firmware, t), (trial, fraction, t)
+                    decisions.setdefault(trial, []).append(decision)
+    # each load has inputs on both sides of its limit, and the limits differ from load to load
+    assert all(any(d) and not all(d) for d in decisions.values()), decisions
+    assert len({sum(d) for d in decisions.values()}) == 3, decisions

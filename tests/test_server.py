@@ -152,6 +152,10 @@ def test_driver_calls_are_bit_identical_over_either_transport(open_device):
         "DeviceStateError",
         "DeviceClosedError",
     ]
+    _assert_same_session(got, reference)
+
+
+def _assert_same_session(got: list, reference: list) -> None:
     assert len(got) == len(reference)
     for i, (x, y) in enumerate(zip(got, reference, strict=True)):
         if isinstance(y, tuple) and y[0] == "DeviceClosedError":
@@ -706,3 +710,21 @@ def test_timeout_argument_is_checked(server):
             driver.open(server.url, timeout=bad)
     with driver.open(server.url, timeout=math.inf) as dev:
         assert dev.transport.timeout is None
+
+
+def test_poll_arguments_are_checked(server):
+    for bad in (-1e-6, 2.0, "0", True, math.nan):
+        with pytest.raises(driver.InvalidInputError, match="poll_s"):
+            driver.open(server.url, poll_s=bad)
+    for bad in (-1.0, 2.0, math.nan):
+        with pytest.raises(ValueError, match="poll_s"):
+            DeviceServer(Firmware(load_spec(SPEC), seed=SEED), "127.0.0.1", 0, poll_s=bad)
+
+
+@pytest.mark.parametrize("poll_s", [0.0, 0.05], ids=["sleeping", "polling"])
+def test_polling_changes_no_result(poll_s):
+    """With both ends sleeping at once, or both polling for 50 ms, the session gives the in-process bits."""
+    with serving(poll_s=poll_s) as running, driver.open(running.url, seed=SEED, poll_s=poll_s) as dev:
+        assert dev.transport.poll_s == poll_s
+        got = _session(dev)
+    _assert_same_session(got, _session(driver.open(SPEC, seed=SEED)))

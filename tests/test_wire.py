@@ -4,7 +4,10 @@ and agreement between protocol.yaml, PROTOCOL.md and what the firmware actually 
 from __future__ import annotations
 
 import re
+import socket
 import struct
+import threading
+import time
 import zlib
 
 import numpy as np
@@ -411,3 +414,56 @@ def test_firmware_replies_are_documented_and_cross_the_wire():
         back = wire.decode_frame(wire.encode_frame(wire.REPLY, int(opcode), status, 1, reply), wire.REPLY)[1]
         assert _same(back, {k: (int(v) if isinstance(v, np.integer) else v) for k, v in reply.items()})
     assert {"OK", "BAD_ARGUMENT", "BAD_STATE", "SATURATED"} <= seen
+
+
+# -- reading with a polling window ------------------------------------------------------------
+
+
+def _later(delay_s: float, action) -> threading.Thread:
+    thread = threading.Thread(target=lambda: (time.sleep(delay_s), action()), daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.02, 0.2], ids=["waiting", "within-the-window", "after-the-window"])
+def test_frame_reader_takes_a_frame_whenever_it_comes(delay_s):
+    """A frame already there, one that comes while the reader polls (window 0.1 s), and one that comes
+    after it went to sleep are all read whole, and the socket then has its blocking timeout again."""
+    host, device = socket.socketpair()
+    with host, device:
+        frame = _frame({"x": np.arange(5)}, request_id=7)
+        sender = _later(delay_s, lambda: host.sendall(frame))
+        header, payload = wire.FrameReader(device).read(5.0, 5.0, poll_s=0.1)
+        sender.join()
+        assert header.request_id == 7
+        assert _same(wire.open_frame(header, payload, wire.REQUEST), {"x": np.arange(5)})
+
+
+def test_frame_reader_polling_keeps_the_stream_in_step():
+    """A header split across the polling window (10 bytes in it, the rest 50 ms later) and two frames
+    sent back to back are read as they were sent."""
+    host, device = socket.socketpair()
+    with host, device:
+        first, second = _frame({"k": 1}, request_id=1), _frame({"k": 2}, request_id=2)
+        host.sendall(first[:10])
+        sender = _later(0.05, lambda: host.sendall(first[10:] + second))
+        reader = wire.FrameReader(device)
+        got = [reader.read(5.0, 5.0, poll_s=0.01) for _ in range(2)]
+        sender.join()
+        assert [h.request_id for h, _ in got] == [1, 2]
+        assert [wire.open_frame(h, p, wire.REQUEST)["k"] for h, p in got] == [1, 2]
+
+
+def test_frame_reader_polling_sees_eof_and_keeps_its_timeout():
+    """EOF during the window is LinkClosed; silence past the window and then first_timeout is LinkTimeout."""
+    host, device = socket.socketpair()
+    with device:
+        host.close()
+        with pytest.raises(wire.LinkClosed):
+            wire.FrameReader(device).read(5.0, 5.0, poll_s=0.5)
+    host, device = socket.socketpair()
+    with host, device:
+        started = time.monotonic()
+        with pytest.raises(wire.LinkTimeout, match="no frame within 0.1 s"):
+            wire.FrameReader(device).read(0.1, 5.0, poll_s=0.05)
+        assert 0.14 <= time.monotonic() - started < 3.0  # the window, then the timeout
