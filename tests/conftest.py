@@ -9,3 +9,12 @@ import os
 
 for _name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_name, "1")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Shut down the servers of tests that ran over TCP (tests/served.py), if any were started."""
+    import sys
+
+    served = sys.modules.get("served")
+    if served is not None:
+        served.POOL.close()

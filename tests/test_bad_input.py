@@ -4,6 +4,11 @@ Every refusal is checked the same way (DESIGN section 5): a device is set up wit
 load and run, its read_mean(), status() and analog state are recorded, the bad call must
 raise, and afterwards the three are bit-identical and the next good run gives the same
 bits as a twin device (same spec and seed) that never saw the bad call.
+
+The whole module runs twice: with the device in this process, and with it served over
+loopback TCP (tests/served.py), where the refusals then come through the wire.  The twin
+is always in-process, so the TCP pass also checks that both give the same bits.  The
+analog state itself is only visible in-process; over TCP the twin's next run stands in.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from served import TRANSPORTS, open_device
 
 import driver
 
@@ -36,10 +42,25 @@ PROPERTY = settings(max_examples=30, deadline=None)
 # The property tests run the transient engine (microseconds for 4 cells); test_no_trace_on_each_engine
 # repeats a few refusals with every engine.
 ENGINE = "transient"
+_transport = "in-process"  # the device under test's; set for the whole module by the fixture below
 
 
-def _prepared(spec: str = SPEC, seed: int = SEED, engine: str = ENGINE) -> driver.Device:
-    dev = driver.open(spec, seed=seed)
+@pytest.fixture(scope="module", autouse=True, params=TRANSPORTS)
+def transport(request):
+    """Runs every test of the module over each transport (module scope: hypothesis allows it)."""
+    global _transport
+    _transport = request.param
+    yield request.param
+    _transport = "in-process"
+
+
+def _open(spec: str = SPEC, seed: int = SEED) -> driver.Device:
+    """The device under test, over this pass's transport."""
+    return open_device(spec, seed, _transport)
+
+
+def _prepared(spec: str = SPEC, seed: int = SEED, engine: str = ENGINE, twin: bool = False) -> driver.Device:
+    dev = driver.open(spec, seed=seed) if twin else _open(spec, seed)
     dev.load_matrix(GOOD_A)
     dev.load_vector(GOOD_B)
     dev.run(t=20.0, burn_in=10.0, engine=engine)
@@ -56,8 +77,14 @@ def _reload_and_run(dev: driver.Device, engine: str = ENGINE) -> driver.RunRepor
     return _good_run(dev, engine)
 
 
+def _analog(dev: driver.Device) -> np.ndarray:
+    """The node voltages of an in-process device; empty over TCP, where only the protocol is seen."""
+    firmware = getattr(dev.transport, "firmware", None)
+    return np.empty(0) if firmware is None else firmware.analog_state()
+
+
 def _snapshot(dev: driver.Device) -> tuple[np.ndarray, driver.DeviceStatus, np.ndarray]:
-    return dev.read_mean(), dev.status(), dev.transport.firmware.analog_state()
+    return dev.read_mean(), dev.status(), _analog(dev)
 
 
 def _same_bits(x: np.ndarray, y: np.ndarray) -> bool:
@@ -85,7 +112,7 @@ def _refused(
     ``setup`` runs on the device and its twin after the good load + run; ``then`` is the
     good call made on both afterwards, with ``engine``.  Returns the exception.
     """
-    dev, twin = _prepared(spec, engine=engine), _prepared(spec, engine=engine)
+    dev, twin = _prepared(spec, engine=engine), _prepared(spec, engine=engine, twin=True)
     try:
         if setup is not None:
             setup(dev)
@@ -100,7 +127,8 @@ def _refused(
         report, twin_report = then(dev, engine), then(twin, engine)
         assert _fields(report) == _fields(twin_report)
         assert _same_bits(dev.read_mean(), twin.read_mean())
-        assert _same_bits(dev.transport.firmware.analog_state(), twin.transport.firmware.analog_state())
+        if _transport == "in-process":
+            assert _same_bits(_analog(dev), _analog(twin))
         assert dev.status() == twin.status()
     finally:
         dev.close()
@@ -197,7 +225,7 @@ def test_vector_of_wrong_dtype(what):
 
 def test_boolean_and_integer_arrays_are_numbers():
     """bool and int arrays are real numbers: accepted and converted to float."""
-    with driver.open(SPEC, seed=SEED) as dev:
+    with _open() as dev:
         dev.load_matrix(np.eye(3, dtype=int) * 2)
         dev.load_vector(np.array([True, False, True]))
         dev.run(t=20.0, burn_in=10.0)
@@ -215,7 +243,7 @@ def test_larger_than_the_device(n):
 
 
 def test_larger_than_the_ideal_device():
-    with driver.open("ideal", seed=0) as dev:
+    with _open("ideal", 0) as dev:
         cells = dev.info.cells
         with pytest.raises(driver.InvalidInputError, match=rf"size {cells + 1}.*{cells} cells"):
             dev.load_vector(np.ones(cells + 1))
@@ -283,7 +311,7 @@ def test_asymmetry_within_round_off_is_accepted(n, seed, log_scale):
     rng = np.random.default_rng(seed)
     a = _spd(rng, n) * 10.0**log_scale
     a[0, 1] += 0.1 * _RTOL * np.abs(a).max()
-    with driver.open(SPEC, seed=SEED) as dev:
+    with _open() as dev:
         dev.load_matrix(a)
         assert dev.status().matrix_n == n
 
@@ -292,7 +320,7 @@ def test_non_symmetric_matrix_loads_when_asked():
     """symmetric=False is the documented way to load a non-symmetric drift."""
     a = GOOD_A.copy()
     a[0, 1] += 0.1
-    with driver.open(SPEC, seed=SEED) as dev:
+    with _open() as dev:
         dev.load_matrix(a, symmetric=False)
         assert dev.status().matrix_loaded
 
@@ -396,18 +424,18 @@ def test_no_trace_on_each_engine(case, engine):
 @pytest.mark.parametrize("loaded", [False, True])
 def test_read_before_run(read, loaded):
     """Reading before any run is a state error; nothing changes, and a later run matches a twin."""
-    dev, twin = driver.open(SPEC, seed=SEED), driver.open(SPEC, seed=SEED)
+    dev, twin = _open(), driver.open(SPEC, seed=SEED)
     try:
         for d in (dev, twin):
             if loaded:
                 d.load_matrix(GOOD_A)
                 d.load_vector(GOOD_B)
-        status, analog = dev.status(), dev.transport.firmware.analog_state()
+        status, analog = dev.status(), _analog(dev)
         with pytest.raises(driver.DeviceStateError, match=r"(?i)run") as caught:
             getattr(dev, read)()
         assert not isinstance(caught.value, driver.DeviceClosedError)
         assert dev.status() == status
-        assert _same_bits(dev.transport.firmware.analog_state(), analog)
+        assert _same_bits(_analog(dev), analog)
         assert _fields(_reload_and_run(dev)) == _fields(_reload_and_run(twin))
         assert _same_bits(dev.read_mean(), twin.read_mean())
     finally:
@@ -418,7 +446,7 @@ def test_read_before_run(read, loaded):
 @pytest.mark.parametrize("engine", ["auto", "exact", "transient"])
 def test_read_mean_after_a_run_without_samples(engine):
     """A run shorter than one ADC period is allowed but takes no samples: read_mean says so."""
-    with driver.open(SPEC, seed=SEED) as dev:
+    with _open() as dev:
         dev.load_matrix(GOOD_A)
         dev.load_vector(GOOD_B)
         report = dev.run(0.05, 0.0, engine=engine)  # spu-8 samples every 0.1 tau
@@ -431,7 +459,7 @@ def test_read_mean_after_a_run_without_samples(engine):
 @pytest.mark.parametrize("loads", ["nothing", "matrix", "vector"])
 def test_run_before_loads(loads):
     """run() needs both a matrix and a vector: a state error that says what to load."""
-    with driver.open(SPEC, seed=SEED) as dev:
+    with _open() as dev:
         if loads == "matrix":
             dev.load_matrix(GOOD_A)
         if loads == "vector":
@@ -480,14 +508,14 @@ def test_calls_after_close(call):
 
 
 def test_run_after_close_without_loads():
-    dev = driver.open(SPEC, seed=SEED)
+    dev = _open()
     dev.close()
     with pytest.raises(driver.DeviceClosedError):
         dev.run(10.0)
 
 
 def test_bad_input_after_close_still_says_closed():
-    dev = driver.open(SPEC, seed=SEED)
+    dev = _open()
     dev.close()
     with pytest.raises(driver.DeviceClosedError):
         dev.load_matrix(np.ones(3))
@@ -536,7 +564,7 @@ def test_not_positive_definite_saturates_on_rails(n, seed, engine):
 def test_saturation_flag_keeps_the_run():
     """on_saturation='flag' keeps a saturated run and says so in the report and the status."""
     a = -np.eye(3)
-    with driver.open(SPEC, seed=SEED) as dev:
+    with _open() as dev:
         dev.load_matrix(a)
         dev.load_vector(np.ones(3))
         report = dev.run(50.0, 25.0, engine="transient", on_saturation="flag")
@@ -561,7 +589,7 @@ def test_violent_runaway_on_ideal_is_detected():
 @pytest.mark.parametrize("engine", ["exact", "transient"])
 def test_runaway_message_does_not_offer_flag(engine):
     """A runaway always raises (Device.run docstring), so its message must not advise on_saturation='flag'."""
-    with driver.open("ideal", seed=0) as dev:
+    with _open("ideal", 0) as dev:
         dev.load_matrix(-np.ones((8, 8)))
         dev.load_vector(np.ones(8))
         with pytest.raises(driver.SaturationError) as caught:
@@ -596,12 +624,12 @@ def test_not_positive_definite_on_ideal_raises(engine, a):
 
 
 def test_linalg_solve_refuses_not_positive_definite_on_rails():
-    with driver.open(SPEC, seed=SEED) as dev:
+    with _open() as dev:
         with pytest.raises(driver.SaturationError, match="positive definite"):
             driver.linalg.solve(dev, np.diag([1.0, -1.0]), np.ones(2))
 
 
 def test_linalg_solve_refuses_not_positive_definite_on_ideal():
-    with driver.open("ideal", seed=0) as dev:
+    with _open("ideal", 0) as dev:
         with pytest.raises(driver.SaturationError):
             driver.linalg.solve(dev, np.diag([1.0, -1.0]), np.ones(2))
