@@ -2,7 +2,8 @@
 
 A signed b-bit converter (sign included) has code_max = 2^(b-1) - 1 and maps
 code k to k / code_max * full_scale.  b = 0 is a continuous part: the value is
-sent as float64.  Cost O(size).
+sent as float64.  Codes travel in the narrowest integer type that holds them
+(:func:`code_dtype`), as a board's link would carry them.  Cost O(size).
 """
 
 from __future__ import annotations
@@ -11,12 +12,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Quantised", "code_max", "to_codes", "from_codes"]
+__all__ = ["Quantised", "code_max", "code_dtype", "to_codes", "from_codes"]
 
 
 def code_max(bits: int) -> int:
     """Largest code of a signed b-bit converter; 0 for a continuous part."""
     return (1 << (bits - 1)) - 1 if bits > 0 else 0
+
+
+def code_dtype(bits: int) -> np.dtype:
+    """The dtype of b-bit codes on the wire: the narrowest signed integer that holds +-code_max
+    (int8 up to 8 bits, int16 up to 16, int32 up to 32, else int64); float64 for a continuous part."""
+    if bits <= 0:
+        return np.dtype(np.float64)
+    for dtype in (np.int8, np.int16, np.int32):
+        if bits <= 8 * np.dtype(dtype).itemsize:
+            return np.dtype(dtype)
+    return np.dtype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -44,7 +56,7 @@ def to_codes(values: np.ndarray, bits: int, full_scale: float) -> Quantised:
         error = np.abs(values / full_scale - fraction)
         return Quantised(codes, clipped, 0, float(error.max(initial=0.0)))
     top = code_max(bits)
-    codes = np.rint(fraction * top).astype(np.int64)
+    codes = np.rint(fraction * top).astype(code_dtype(bits))
     zeroed = int(np.count_nonzero((codes == 0) & (values != 0)))
     error = np.abs(values / full_scale - codes / top)
     return Quantised(codes, clipped, zeroed, float(error.max(initial=0.0)))

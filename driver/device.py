@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .codes import Quantised, from_codes, to_codes
+from .codes import Quantised, code_dtype, from_codes, to_codes
 from .errors import (
     DeviceBusyError,
     DeviceClosedError,
@@ -25,7 +25,7 @@ from .errors import (
     ProtocolError,
     SaturationError,
 )
-from .ggn import GGN, code_dtype, natural_scale, program
+from .ggn import GGN, natural_scale, program
 from .protocol import Engine, OnSaturation, Opcode, Status, StatusBit
 from .transport import Transport
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from .codes import Quantised, code_max, to_codes
+from .codes import Quantised, code_dtype, code_max, to_codes
 from .errors import InvalidInputError
 
 __all__ = ["GGN", "ProgrammedCodes", "program", "natural_scale"]
@@ -222,11 +222,6 @@ def _scan_columns(values, start, stop):
     return lo, hi, count
 
 
-def code_dtype(bits: int) -> np.dtype:
-    """The dtype of codes on the wire: int64 for a quantised part, float64 for a continuous one."""
-    return np.dtype(np.int64 if bits > 0 else np.float64)
-
-
 def _to_codes_blocked(
     values: np.ndarray, scale: float, bits: int, full_scale: float, out: np.ndarray | None = None
 ) -> Quantised:
@@ -298,8 +293,7 @@ def _keep_psd(q: Quantised, values: np.ndarray, bits: int, full_scale: float) ->
         return q, 0
     raised = math.ceil(-lowest)
     top = code_max(bits)
-    codes = codes + raised * np.eye(codes.shape[0], dtype=np.int64)
-    codes = np.clip(codes, -top, top)
+    codes = np.clip(codes + raised * np.eye(codes.shape[0], dtype=np.int64), -top, top).astype(codes.dtype)
     error = np.abs(values / full_scale - codes / top)
     return Quantised(codes, q.clipped, q.zeroed, float(error.max(initial=0.0))), raised
 

@@ -166,9 +166,9 @@ def render(doc: Mapping[str, Any] | None = None) -> str:
 
 def _example() -> list[str]:
     """A worked example: the bytes of one LOAD_VECTOR request, as the reference codec writes them."""
-    codes = np.array([1, -2, 3], dtype=np.int64)
+    codes = np.array([1, -2, 3], dtype=np.int16)
     frame = wire.encode_frame(wire.REQUEST, int(wire.PROTOCOL["opcodes"]["LOAD_VECTOR"]), 0, 1, {"codes": codes})
-    lines = ["### Example", "", "LOAD_VECTOR with `codes` = [1, -2, 3] (int64), request_id 1, as hex:", "", "```"]
+    lines = ["### Example", "", "LOAD_VECTOR with `codes` = [1, -2, 3] (int16), request_id 1, as hex:", "", "```"]
     lines.append(f"header  {frame[: wire.HEADER.size].hex(' ')}")
     body = frame[wire.HEADER.size :]
     for start in range(0, len(body), 16):
@@ -176,8 +176,8 @@ def _example() -> list[str]:
     lines += [
         "```",
         "",
-        "The payload: field count 1; name length 5, `codes`; tag 5 (array), dtype 1 (int64), ndim 1, dim 3;"
-        " zero padding to offset 16; three little-endian int64.",
+        "The payload: field count 1; name length 5, `codes`; tag 5 (array), dtype 4 (int16), ndim 1, dim 3;"
+        " zero padding to offset 16; three little-endian int16.",
         "",
     ]
     return lines

@@ -203,7 +203,8 @@ class LinkTimeout(Exception):
 
 def encode_payload(payload: Mapping[str, Any] | None) -> bytes:
     """Serialise a flat (or nested) mapping of ints, floats, bools, strings, arrays and
-    mappings.  Arrays must be int64 or float64 (any shape, any byte order and stride);
+    mappings.  Arrays must have one of protocol.yaml's array_dtypes (int8, int16, int32, int64,
+    float64; any shape, any byte order and stride);
     numpy scalars are sent as ints, floats and bools.  Raises EncodeError."""
     return b"".join(_payload_parts(payload))
 
@@ -276,7 +277,7 @@ def _encode_map(mapping: Mapping[str, Any], parts: list, size: int, depth: int, 
         else:
             raise EncodeError(
                 f"payload field {name!r} has type {kind.__name__}; the wire carries int, float, bool, str,"
-                " numpy arrays (int64, float64) and mappings"
+                " numpy arrays (int8, int16, int32, int64, float64) and mappings"
             )
     parts.append(chunk)
     return size + len(chunk)

@@ -147,7 +147,7 @@ _leaves = st.one_of(
     st.builds(
         lambda shape, dtype, seed: np.array(np.random.default_rng(seed).normal(size=shape) * 1000, dtype=dtype),
         st.lists(st.integers(0, 3), max_size=3).map(tuple),
-        st.sampled_from([np.int64, np.float64]),
+        st.sampled_from([np.int8, np.int16, np.int32, np.int64, np.float64]),
         st.integers(0, 2**32 - 1),
     ),
 )
@@ -173,7 +173,7 @@ def test_round_trip_property(payload, opcode, request_id):
 @pytest.mark.parametrize(
     "payload, pattern",
     [
-        ({"x": np.arange(3, dtype=np.int32)}, "dtype int32"),
+        ({"x": np.arange(3, dtype=np.uint16)}, "dtype uint16"),
         ({"x": np.ones(2, dtype=np.float32)}, "dtype float32"),
         ({"x": np.ones(2, dtype=bool)}, "dtype bool"),
         ({"x": [1, 2]}, "type list"),
@@ -467,3 +467,48 @@ def test_frame_reader_polling_sees_eof_and_keeps_its_timeout():
         with pytest.raises(wire.LinkTimeout, match="no frame within 0.1 s"):
             wire.FrameReader(device).read(0.1, 5.0, poll_s=0.05)
         assert 0.14 <= time.monotonic() - started < 3.0  # the window, then the timeout
+
+
+# -- integer codes at their width ---------------------------------------------------------------
+
+
+def test_codes_travel_in_the_narrowest_integer_type():
+    """b-bit codes go as int8 up to 8 bits, int16 up to 16, int32 up to 32: each holds +-code_max, and
+    the next narrower type does not; a continuous part sends float64."""
+    from driver.codes import code_dtype, code_max, to_codes
+
+    assert code_dtype(0) == np.float64
+    for bits in range(2, 33):  # 1 bit has code_max 0: no codes but zero
+        dtype = code_dtype(bits)
+        assert dtype.kind == "i" and np.iinfo(dtype).max >= code_max(bits), bits
+        narrower = {1: None, 2: np.int8, 4: np.int16, 8: np.int32}[dtype.itemsize]
+        assert narrower is None or np.iinfo(narrower).max < code_max(bits), bits
+        codes = to_codes(np.array([-2.0, -1.0, 0.3, 1.0]), bits, 1.0).codes
+        assert codes.dtype == dtype and list(codes[[0, 1, 3]]) == [-code_max(bits), -code_max(bits), code_max(bits)]
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32])
+def test_device_takes_narrow_codes_with_the_bits_of_int64(dtype):
+    """The same codes sent as int8, int16 or int32 program the same array as int64 codes: a load, a run
+    and a read through the codec give the same bits."""
+    rng = np.random.default_rng(1)
+    q, _ = np.linalg.qr(rng.standard_normal((4, 4)))
+    codes = np.rint(127 * q @ np.diag([1.0, 0.8, 0.6, 0.5]) @ q.T).astype(np.int64)
+    vector = np.array([100, -50, 20, 0])
+    results = []
+    for kind in (np.int64, dtype):
+        firmware = Firmware(load_spec("spu-8"), seed=4)
+        for opcode, request in (
+            (Opcode.LOAD_MATRIX, {"codes": codes.astype(kind)}),
+            (Opcode.LOAD_VECTOR, {"codes": vector.astype(kind)}),
+            (Opcode.RUN, {"t": 20.0, "burn_in": 5.0}),
+            (Opcode.READ_MEAN, {}),
+        ):
+            header, decoded = wire.decode_frame(_frame(request, opcode=int(opcode)))
+            if "codes" in decoded:
+                assert decoded["codes"].dtype == kind
+            status, reply = firmware.handle(int(opcode), decoded)
+            assert status == Status.OK, reply
+        results.append(reply["mean_codes"])
+    assert results[0].tobytes() == results[1].tobytes()
+    assert len(_frame({"codes": codes.astype(np.int8)})) < len(_frame({"codes": codes}))
