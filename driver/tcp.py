@@ -6,16 +6,17 @@ board that speaks ``firmware_spec/PROTOCOL.md``).  Frames are built and parsed b
 driver uses ``spu_emulator`` code, as a transport (DESIGN section 2).
 
 Timeouts: ``timeout`` seconds for the connection and for each reply (default
-protocol.yaml ``timing.client_timeout_s``; ``math.inf`` waits for ever).  After
-sending a request the transport busy-polls for the reply for ``poll_s`` seconds
-(default ``timing.polling.host_poll_s``, 1 ms) before sleeping in the kernel:
-a short command's reply is then taken without a wake-up, as a GPU driver spins
-on a short kernel.  A reply
+protocol.yaml ``timing.client_timeout_s``; ``math.inf`` waits for ever).  A reply
 that does not come in time raises LinkTimeoutError, a dropped link LinkError; the
 connection is then closed and the next call reconnects.  On reconnection the
 transport checks with INFO that it reaches the same device (spec and seed); the
 device keeps its state across connections, so a warm start survives a dropped
 link.
+
+Polling: after sending a request the transport busy-polls for the reply for
+``poll_s`` seconds (default ``timing.polling.host_poll_s``, 1 ms) before it sleeps
+in the kernel, so a short command's reply is taken without a wake-up, as a GPU
+driver spins on a short kernel.  ``poll_s=0`` sleeps at once.
 """
 
 from __future__ import annotations

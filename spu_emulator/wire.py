@@ -532,7 +532,8 @@ class FrameReader:
         poll_s: busy-poll the socket for up to this many seconds before sleeping in the
         kernel (see protocol.yaml ``timing.polling``): a frame that comes within it is
         taken without a wake-up, which on a virtual machine costs tens of microseconds
-        per exchange; the price is a core kept busy for that long.
+        per exchange; the price is a core kept busy for that long.  ``first_timeout``
+        counts from the end of the window.
 
         Raises LinkClosed (EOF), LinkTimeout, FrameError (header errors: the stream is
         out of step, the connection should close) or OSError.
