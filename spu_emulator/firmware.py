@@ -688,7 +688,7 @@ class Firmware:
         rails and inside the ADC's full scale (gain |g|, offset o: |g| (reach + z spread) + |o| < range),
         volts (n,); None when the ADC is not dithered, whatever the reach.  Depends on the model and z
         only, so it is kept for the model's lifetime: a loop of equal runs pays O(n) per run."""
-        if self._limits_for is not model:
+        if self._limits_for is not model or len(self._limits) >= 64:  # 64: runs of many lengths
             self._limits_for, self._limits = model, {}
         if z in self._limits:
             return self._limits[z]
