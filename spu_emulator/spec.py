@@ -271,6 +271,8 @@ def _check_scalar(value: Any, sub: dict, source: str, where: str) -> Any:
     elif kind == "string":
         if not isinstance(value, str):
             raise SpecError(f"{source}: field {where} must be a string, got {value!r}")
+    if "not" in sub and value == sub["not"]["const"]:
+        raise SpecError(f"{source}: field {where} = {value!r} is not allowed: {sub['not']['description']}")
     if "enum" in sub and value not in sub["enum"]:
         raise SpecError(f"{source}: field {where} = {value!r} is not one of {', '.join(map(str, sub['enum']))}")
     low, high = sub.get("minimum"), sub.get("maximum")

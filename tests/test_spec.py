@@ -463,3 +463,15 @@ def test_non_editable_install_ships_the_yaml(tmp_path):
     assert {f"{name}.yaml" for name in PRESETS} | {"schema.yaml", "protocol.yaml"} <= set(found["names"])
     assert found["presets"] == PRESETS
     assert found["cells"] == 1048576  # tngd-sim: N up to 2^20 in a GGN load
+
+
+def test_excluded_values_are_refused():
+    """A value a field's schema excludes (``not: {const: ...}``, e.g. 1-bit converters, which have no code
+    but zero) is refused with the schema's reason, naming the field; the JSON Schema validator agrees."""
+    excluded = [(path, sub) for path, sub in LEAVES if "not" in sub]
+    assert {path[-1] for path, _ in excluded} == {"element_bits", "bits"} and len(excluded) == 3
+    for path, sub in excluded:
+        mapping = _with(path, sub["not"]["const"])
+        _refuse(mapping, ".".join(path), "no code but zero")
+        assert not VALIDATOR.is_valid(mapping)
+        assert VALIDATOR.is_valid(_with(path, 2))
