@@ -68,7 +68,9 @@ class LinearModel:
     form: "modal" or "general"; stable: every eigenvalue of M has a positive real
     part; contractive: ||e^{-M h}||_2 <= 1 for all h (M + M^T positive definite),
     so the mean path never leaves the ball of radius |V(0) - V*| around V*;
-    stationary_var: diag(Sigma), volts^2; rate_max: largest |eigenvalue| of M.
+    contraction_rate: mu, the least eigenvalue of (M + M^T) / 2, so that
+    ||e^{-M h}||_2 <= e^{-mu h} (1 / tau); stationary_var: diag(Sigma), volts^2;
+    rate_max: largest |eigenvalue| of M.
     """
 
     form: str
@@ -78,6 +80,7 @@ class LinearModel:
     contractive: bool
     stationary_var: np.ndarray
     rate_max: float
+    contraction_rate: float = 0.0
     # modal form: M = W diag(rates) W^T, scalar noise level s (V / sqrt(tau))
     rates: np.ndarray | None = None
     modes: np.ndarray | None = None
@@ -138,12 +141,20 @@ class LinearModel:
         """Per cell, a lower bound of the fresh variance per sample (here diag(Q) itself), volts^2."""
         return self.fresh_var(period)
 
-    def reach(self, state: np.ndarray, target: np.ndarray) -> np.ndarray:
-        """Per cell, a bound on |V_i| along the mean path from ``state`` to ``target`` (contractive M).
+    def reach(self, state: np.ndarray, target: np.ndarray, start: float = 0.0, tight: bool = False) -> np.ndarray:
+        """Per cell, a bound on |V_i(s)| for s >= start along the mean path V(s) = V* + e^{-M s} d from
+        ``state`` (s = 0) to ``target`` V*, d = state - target (contractive M).
 
-        ||e^{-M t} d|| <= ||d|| for all t when M is contractive, so |target_i| + ||state - target||.
+        ||e^{-M s} d|| <= e^{-mu s} ||d|| (mu = contraction_rate), so |V*_i| + e^{-mu start} ||d||: O(n).
+        ``tight`` (modal form): the smaller of that and :func:`_modal_path_bound`, which follows each
+        cell's own path, O(n^2 G) with G = 64 time points; the l2 bound grows as sqrt(n) for a path
+        spread over many cells, this one does not.
         """
-        return np.abs(target) + float(np.linalg.norm(state - target))
+        d = state - target
+        bound = np.abs(target) + math.exp(-self.contraction_rate * start) * float(np.linalg.norm(d))
+        if tight and self.form == "modal":
+            bound = np.minimum(bound, _modal_path_bound(self.modes, self.rates, d, target, start))
+        return bound
 
 
 def prepare(drift: np.ndarray, noise_sd: np.ndarray) -> LinearModel:
@@ -164,6 +175,7 @@ def prepare(drift: np.ndarray, noise_sd: np.ndarray) -> LinearModel:
             contractive=stable,
             stationary_var=var,
             rate_max=float(np.abs(rates).max()),
+            contraction_rate=float(rates[0]),
             rates=rates,
             modes=modes,
             noise_level=s,
@@ -172,7 +184,8 @@ def prepare(drift: np.ndarray, noise_sd: np.ndarray) -> LinearModel:
     stable = bool(eigenvalues.real.min() > 0.0)
     # e^{-M h} through the eigenbasis loses about cond(W) * eps; beyond 1e6 use expm instead
     well_conditioned = np.linalg.cond(vectors) < 1e6
-    contractive = bool(np.linalg.eigvalsh(0.5 * (drift + drift.T))[0] > 0.0)
+    contraction_rate = float(np.linalg.eigvalsh(0.5 * (drift + drift.T))[0])
+    contractive = contraction_rate > 0.0
     sigma = None
     var = np.full(n, np.inf)
     if stable:
@@ -187,12 +200,38 @@ def prepare(drift: np.ndarray, noise_sd: np.ndarray) -> LinearModel:
         contractive=contractive,
         stationary_var=var,
         rate_max=float(np.abs(eigenvalues).max()),
+        contraction_rate=contraction_rate,
         lu=scipy.linalg.lu_factor(drift),
         stationary_cov=sigma,
         eigenvalues=eigenvalues if well_conditioned else None,
         eigenvectors=vectors if well_conditioned else None,
         eigenvectors_inv=np.linalg.inv(vectors) if well_conditioned else None,
     )
+
+
+_PATH_POINTS = 64  # time points of _modal_path_bound
+
+
+def _modal_path_bound(
+    modes: np.ndarray, rates: np.ndarray, d: np.ndarray, target: np.ndarray, start: float
+) -> np.ndarray:
+    """Per cell, a bound on |V_i(s)| for s >= start, V(s) = V* + W e^{-L s} y with y = W^T d, for
+    symmetric positive definite M = W L W^T.  O(n^2 G).
+
+    Each term W_ik y_k e^{-l_k s} is monotone in s, so over [a, b] cell i moves from its value at a
+    by at most sum_k |W_ik y_k| (e^{-l_k a} - e^{-l_k b}).  The path is evaluated at G points s_j
+    from start (start + 0.02 / l_max geometrically up to start + 40 / l_min) and each stretch [s_j,
+    s_j+1] (the last to infinity) gets its value at s_j plus that increment; the bound is the
+    largest over the stretches, rigorous whatever the spacing.
+    """
+    low, high = 0.02 / rates[-1], 40.0 / rates[0]
+    times = start + np.concatenate(([0.0], np.geomspace(low, max(high, 2.0 * low), _PATH_POINTS - 1)))
+    decay = np.exp(-np.outer(rates, times))  # (n, G)
+    y = modes.T @ d
+    values = target[:, None] + modes @ (y[:, None] * decay)
+    steps = np.concatenate((decay[:, :-1] - decay[:, 1:], decay[:, -1:]), axis=1)  # the last stretch to infinity
+    increments = np.abs(modes) @ (np.abs(y)[:, None] * steps)
+    return (np.abs(values) + increments).max(axis=1)
 
 
 _getrs = scipy.linalg.lapack.get_lapack_funcs("getrs", (np.zeros(1),))
@@ -467,17 +506,21 @@ class LowRankModel:
         x = np.minimum(self.diagonal_bound, self.rate_max)
         return self.noise_level**2 * -np.expm1(-2.0 * x * period) / (2.0 * x)
 
-    def reach(self, state: np.ndarray, target: np.ndarray) -> np.ndarray:
-        """Per cell, a bound on |V_i| along the mean path from ``state`` to ``target``.  O(N m).
+    def reach(self, state: np.ndarray, target: np.ndarray, start: float = 0.0, tight: bool = False) -> np.ndarray:
+        """Per cell, a bound on |V_i(s)| for s >= start along the mean path from ``state`` (s = 0) to
+        ``target``.  O(N m); ``tight`` changes nothing here (the bound is per cell already).
 
-        V(t) = (V* + e^{-beta t} c) + W e^{-rates t} y with y = W^T d and c = d - W y, d = V(0) - V*.
-        The first term is affine in e^{-beta t} in [0, 1], so at most max(|V*_i|, |V*_i + c_i|); the
-        second at most ||y|| (the rows of W have norm at most 1).
+        V(s) = (V* + e^{-beta s} c) + W e^{-rates s} y with y = W^T d and c = d - W y, d = V(0) - V*.
+        The first term is affine in e^{-beta s} in [0, e^{-beta start}], so at most
+        max(|V*_i|, |V*_i + e^{-beta start} c_i|); the second at most e^{-r start} ||y||, r the least
+        of the rates (the rows of W have norm at most 1).
         """
         d = state - target
         y = self.project(d)
         c = d - self.expand(y)
-        return np.maximum(np.abs(target), np.abs(target + c)) + float(np.linalg.norm(y))
+        modes = math.exp(-float(self.rates.min()) * start) if self.rates.size else 0.0
+        edge = np.abs(target + math.exp(-self.base_rate * start) * c)
+        return np.maximum(np.abs(target), edge) + modes * float(np.linalg.norm(y))
 
 
 def prepare_ggn(

@@ -229,7 +229,7 @@ class Firmware:
         self._linear_why = ""  # why there is no exact model, when there is none
         self._linear_for: object | None = None  # the programmed array _linear was made for
         self._limits_for: object | None = None  # the model _limits were computed for
-        self._limits: dict[float, np.ndarray | None] = {}  # _reach_limit per z
+        self._limits: dict[float, tuple | None] = {}  # _reach_limits per z
         self._vector_codes: np.ndarray | None = None
         self._force: np.ndarray | None = None
         self._acc: np.ndarray | None = None
@@ -486,7 +486,9 @@ class Firmware:
             # with no rails to stop it the state would grow without bound; refuse before running
             raise _Refused(Status.SATURATED, _UNSTABLE, runaway=1)
         # the exact engine draws the window's sum, not its conversions: a recording run steps
-        if engine == Engine.transient or (engine == Engine.auto and (record.on or not self._linear_is_safe(t))):
+        if engine == Engine.transient or (
+            engine == Engine.auto and (record.on or not self._linear_is_safe(t, burn_in))
+        ):
             report, state, acc, samples = self._run_transient(t, burn_in, on_saturation, record)
         else:
             report, state, acc, samples = self._run_exact(t, burn_in)
@@ -655,15 +657,17 @@ class Firmware:
         if self._lc:
             self._momentum[:n] = state[n:]
 
-    def _linear_is_safe(self, t: float) -> bool:
-        """True when the exact engine is exact for a run of length t from the present state.
+    def _linear_is_safe(self, t: float, burn_in: float) -> bool:
+        """True when the exact engine is exact for a run (t, burn_in) from the present state.
 
         The array must be stable and contractive (so the mean path stays within
-        |V(0) - V*| of V*; an oscillator array, which is not contractive, is bounded by
-        ``OscillatorArray.reach`` instead), every node must stay z standard deviations inside the
-        rails and the ADC's full scale, with z from a union bound over cells and
-        correlation times at probability 1e-9, and a quantised ADC must be
-        dithered by at least half an LSB of fresh noise per sample.
+        e^{-mu s} |V(0) - V*| of V*; an oscillator array, which is not contractive, is bounded by
+        ``OscillatorArray.reach`` instead); every node must stay z standard deviations inside the
+        rails for the whole run, and inside the ADC's full scale from the first conversion of the
+        window on, with z from a union bound over cells and correlation times at probability 1e-9;
+        and a quantised ADC must be dithered by at least half an LSB of fresh noise per sample.
+        The mean path is bounded first in O(n), then, if that bound is too loose, cell by cell
+        (``LinearModel.reach(tight=True)``).
         """
         model = self._linear_model()
         if model is None or not (model.stable and (model.contractive or self._lc)):
@@ -671,32 +675,43 @@ class Firmware:
         n = self._matrix.n
         looks = 2.0 * n * (1.0 + t * model.rate_max)
         z = max(6.0, math.sqrt(2.0 * math.log(looks / 1e-9)))
-        limit = self._reach_limit(model, z)
-        if limit is None:
+        limits = self._reach_limits(model, z)
+        if limits is None:
             return False
+        rail_limit, adc_limit = limits
+        period = 1.0 / self.spec.adc.sample_rate
+        m0, m1 = window(t, burn_in, period)
+        checks = [(0.0, limit) for limit in (rail_limit,) if limit is not None]
+        if adc_limit is not None and m1 > m0:  # the ADC only converts in the window
+            checks.append(((m0 + 1) * period, adc_limit))
         target = model.fixed_point(self._phase_force())
         if self._lc:  # an oscillator overshoots: bound its mean path by a Lyapunov level set instead
             reach = self._oscillator.reach(self._phase_state(), target)
-            if reach is None:
-                return False
-        else:
-            reach = model.reach(self._state[:n], target)
-        return not np.any(reach >= limit)
+            return reach is not None and not any(np.any(reach >= limit) for _, limit in checks)
+        state = self._state[:n]
+        return not any(
+            np.any(model.reach(state, target, start) >= limit)
+            and np.any(model.reach(state, target, start, tight=True) >= limit)
+            for start, limit in checks
+        )
 
-    def _reach_limit(self, model: LinearModel | LowRankModel, z: float) -> np.ndarray | None:
+    def _reach_limits(
+        self, model: LinearModel | LowRankModel, z: float
+    ) -> tuple[np.ndarray | None, np.ndarray | None] | None:
         """Per cell, the reach of the mean path that leaves z stationary standard deviations inside the
-        rails and inside the ADC's full scale (gain |g|, offset o: |g| (reach + z spread) + |o| < range),
-        volts (n,); None when the ADC is not dithered, whatever the reach.  Depends on the model and z
-        only, so it is kept for the model's lifetime: a loop of equal runs pays O(n) per run."""
+        rails, and inside the ADC's full scale (gain |g|, offset o: |g| (reach + z spread) + |o| < range),
+        volts (n,) each, None where there are no rails or the ADC is ideal; None in all when the ADC is not
+        dithered, whatever the reach.  Depends on the model and z only, so it is kept for the model's
+        lifetime: a loop of equal runs pays O(n) per run."""
         if self._limits_for is not model or len(self._limits) >= 64:  # 64: runs of many lengths
             self._limits_for, self._limits = model, {}
         if z in self._limits:
             return self._limits[z]
         n = self._matrix.n
         stationary_var = model.stationary_var_upper()[:n]  # of the node voltages (x of an oscillator's (x, p))
-        limit = np.full(n, np.inf)
+        rail_limit = adc_limit = None
         if self.spec.rails.enabled:
-            limit = np.minimum(limit, self.spec.rails.v_rail - z * np.sqrt(stationary_var))
+            rail_limit = self.spec.rails.v_rail - z * np.sqrt(stationary_var)
         adc = self.spec.adc
         if adc.bits > 0:
             fresh = model.fresh_var_lower(1.0 / adc.sample_rate)[:n] + adc.noise_v**2
@@ -706,9 +721,9 @@ class Firmware:
             spread = np.sqrt(stationary_var + adc.noise_v**2)
             with np.errstate(divide="ignore"):
                 span = (adc.range_v - np.abs(self.parts.adc_offset_v[:n])) / np.abs(self.parts.adc_gain[:n])
-            limit = np.minimum(limit, span - z * spread)
-        self._limits[z] = limit
-        return limit
+            adc_limit = span - z * spread
+        self._limits[z] = rail_limit, adc_limit
+        return self._limits[z]
 
     def _refuse_clipped_equilibrium(self, model: LinearModel, target: np.ndarray) -> None:
         """The exact engine has no rails and no ADC full scale: refuse when the equilibrium itself
