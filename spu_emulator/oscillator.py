@@ -149,8 +149,12 @@ class OscillatorArray:
             return None
         d = phase_state - phase_target
         level = float(d @ weight @ d)
-        spread = np.sqrt(np.diag(np.linalg.inv(weight))[: self.n])
-        return np.abs(phase_target[: self.n]) + np.sqrt(max(level, 0.0)) * spread
+        return np.abs(phase_target[: self.n]) + np.sqrt(max(level, 0.0)) * self._level_spread
+
+    @cached_property
+    def _level_spread(self) -> np.ndarray:
+        """sqrt((P^-1)_ii) over the x_i: the largest |x_i| on the level set d^T P d = 1.  O(n^3), once."""
+        return np.sqrt(np.diag(np.linalg.inv(self._lyapunov_weight))[: self.n])
 
 
 def program_oscillator(
