@@ -1,6 +1,8 @@
 """Devices for tests that run over either transport: in this process, or served on loopback TCP.
 
-``open_device(spec, seed, transport)`` opens the same device either way.  Served devices come
+``open_device(spec, seed, transport)`` opens the same device either way.  A test module that
+imports the ``transport`` fixture runs every one of its tests once per transport, and opens its
+devices with ``open_under_test(spec, seed)``.  Served devices come
 from a small pool of servers, one per (spec, seed), started on first use: ``driver.open`` resets
 the device, so a served device starts at power-on like a fresh in-process one, and one server can
 be opened again and again.  The pool keeps the most recently used servers and shuts the rest
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from pathlib import Path
+
+import pytest
 
 import driver
 from spu_emulator import Firmware, load_spec
@@ -50,3 +54,25 @@ def open_device(spec: str | Path, seed: int, transport: str) -> driver.Device:
     if transport != "tcp":
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
     return driver.open(POOL.url(spec, seed), seed=seed, timeout=60.0)
+
+
+_current = "in-process"  # the transport of the module pass under way
+
+
+@pytest.fixture(scope="module", autouse=True, params=TRANSPORTS)
+def transport(request):
+    """Imported into a test module: runs each of its tests over each transport (module scope, which
+    hypothesis allows, unlike a function-scoped fixture)."""
+    global _current
+    _current = request.param
+    yield request.param
+    _current = "in-process"
+
+
+def current_transport() -> str:
+    return _current
+
+
+def open_under_test(spec: str | Path, seed: int) -> driver.Device:
+    """The device under test, over the transport of this module pass."""
+    return open_device(spec, seed, _current)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from served import TRANSPORTS, open_device
+from served import current_transport, open_under_test, transport  # noqa: F401 (transport: a fixture)
 
 import driver
 
@@ -42,21 +42,11 @@ PROPERTY = settings(max_examples=30, deadline=None)
 # The property tests run the transient engine (microseconds for 4 cells); test_no_trace_on_each_engine
 # repeats a few refusals with every engine.
 ENGINE = "transient"
-_transport = "in-process"  # the device under test's; set for the whole module by the fixture below
-
-
-@pytest.fixture(scope="module", autouse=True, params=TRANSPORTS)
-def transport(request):
-    """Runs every test of the module over each transport (module scope: hypothesis allows it)."""
-    global _transport
-    _transport = request.param
-    yield request.param
-    _transport = "in-process"
 
 
 def _open(spec: str = SPEC, seed: int = SEED) -> driver.Device:
-    """The device under test, over this pass's transport."""
-    return open_device(spec, seed, _transport)
+    """The device under test, over this pass's transport (the imported ``transport`` fixture)."""
+    return open_under_test(spec, seed)
 
 
 def _prepared(spec: str = SPEC, seed: int = SEED, engine: str = ENGINE, twin: bool = False) -> driver.Device:
@@ -127,7 +117,7 @@ def _refused(
         report, twin_report = then(dev, engine), then(twin, engine)
         assert _fields(report) == _fields(twin_report)
         assert _same_bits(dev.read_mean(), twin.read_mean())
-        if _transport == "in-process":
+        if current_transport() == "in-process":
             assert _same_bits(_analog(dev), _analog(twin))
         assert dev.status() == twin.status()
     finally:

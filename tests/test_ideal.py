@@ -24,26 +24,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from served import TRANSPORTS, open_device
+from served import open_under_test, transport  # noqa: F401 (transport: a fixture)
 
 import driver
 
 TOLERANCE = 1e-6
 WINDOW = 10.0  # tau of ADC samples after burn_in (1 sample per tau on the ideal preset)
-_transport = "in-process"  # set for the whole module by the fixture below
-
-
-@pytest.fixture(scope="module", autouse=True, params=TRANSPORTS)
-def transport(request):
-    """Runs every test of the module over each transport (module scope: hypothesis allows it)."""
-    global _transport
-    _transport = request.param
-    yield request.param
-    _transport = "in-process"
-
-
-def _open(spec: str, seed: int) -> driver.Device:
-    return open_device(spec, seed, _transport)
 
 
 def _burn_in(cond: float) -> float:
@@ -81,7 +67,7 @@ def test_ideal_matches_numpy(engine, n, cond, log_a, log_b, seed):
     a, b = _system(n, cond, log_a, log_b, seed)
     reference = np.linalg.solve(a, b)
     burn_in = _burn_in(np.linalg.cond(a))
-    with _open("ideal", seed) as dev:
+    with open_under_test("ideal", seed) as dev:
         dev.load_matrix(a)
         dev.load_vector(b)
         report = dev.run(burn_in + WINDOW, burn_in, engine=engine)
@@ -96,7 +82,7 @@ def test_ideal_matches_numpy(engine, n, cond, log_a, log_b, seed):
 def test_ideal_linalg_solve_matches_numpy(n, cond, log_a, log_b, seed):
     """driver.linalg.solve on the ideal preset (default burn_in = t / 2) matches numpy to 1e-6."""
     a, b = _system(n, cond, log_a, log_b, seed)
-    with _open("ideal", seed) as dev:
+    with open_under_test("ideal", seed) as dev:
         x, report = driver.linalg.solve(dev, a, b, t=2.0 * _burn_in(np.linalg.cond(a)), return_report=True)
     assert not report.saturated and report.adc_clipped == 0
     assert _relative_error(x, np.linalg.solve(a, b)) < TOLERANCE
@@ -108,7 +94,7 @@ def test_ideal_corners(engine, log_a, log_b):
     """The largest case (n = 64, cond = 10) at the corners of the scale range, on every engine."""
     a, b = _system(64, 10.0, log_a, log_b, seed=2)
     burn_in = _burn_in(10.0)
-    with _open("ideal", 0) as dev:
+    with open_under_test("ideal", 0) as dev:
         dev.load_matrix(a)
         dev.load_vector(b)
         dev.run(burn_in + WINDOW, burn_in, engine=engine)
@@ -119,7 +105,7 @@ def test_ideal_corners(engine, log_a, log_b):
 def test_ideal_transient_is_visible_before_it_decays():
     """The bound is not vacuous: a window that starts at 0 carries the transient (error >> 1e-6)."""
     a, b = _system(16, 10.0, 0.0, 0.0, seed=3)
-    with _open("ideal", 0) as dev:
+    with open_under_test("ideal", 0) as dev:
         dev.load_matrix(a)
         dev.load_vector(b)
         dev.run(WINDOW, 0.0)
@@ -147,7 +133,7 @@ SPU8_BOUND = 0.1
 @pytest.mark.parametrize("seed", range(6))
 def test_spu8_linalg_solve_within_error_budget(seed):
     a, b = _spu8_system(seed)
-    with _open("spu-8", seed) as dev:
+    with open_under_test("spu-8", seed) as dev:
         x, report = driver.linalg.solve(dev, a, b, t=200.0, return_report=True)
     assert not report.saturated and report.adc_clipped == 0
     assert _relative_error(x, np.linalg.solve(a, b)) < SPU8_BOUND
@@ -162,12 +148,12 @@ def test_spu8_linalg_solve_auto_ranges(seed):
     q, _ = np.linalg.qr(rng.standard_normal((8, 8)))
     a = q @ np.diag(np.geomspace(1.0, 5.0, 8)) @ q.T
     b = q[:, 0] + 0.05 * rng.standard_normal(8)
-    with _open("spu-8", seed) as dev:  # the same system at full scale does overflow
+    with open_under_test("spu-8", seed) as dev:  # the same system at full scale does overflow
         dev.load_matrix(a)
         dev.load_vector(b)
         full_scale = dev.run(200.0, 100.0, on_saturation="flag")
     assert full_scale.saturated or full_scale.adc_clipped > 0
-    with _open("spu-8", seed) as dev:
+    with open_under_test("spu-8", seed) as dev:
         x, report = driver.linalg.solve(dev, a, b, t=200.0, return_report=True)
     assert not report.saturated
     assert report.adc_clipped == 0
