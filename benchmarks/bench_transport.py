@@ -30,6 +30,10 @@ Rows:
   refuses them on shape, so this row times the link alone.  Target: TCP >= 200
   MB/s.  In-process the same call hands over a reference: its time is only the
   refusal's.
+* GGN load (not with --quick): ``load_matrix(driver.GGN(J, I, 0.01))`` with J
+  640 x 100000 on tngd-sim, the size of a TNGD step at batch 32 and d_z 20 on a
+  1e5-parameter model: 128 MB of int16 codes in one LOAD_GGN frame (as int64 it
+  would not fit the protocol's 256 MiB limit), in-process against TCP.
 * bulk load: ``load_matrix(A)`` with A 1024 x 1024 on tngd-sim (16-bit element
   codes, 4096 cells), which the driver sends as int16 codes, as a board's link
   carries them: 2 MiB of payload per load.  The time includes the driver's
@@ -283,6 +287,22 @@ def main(argv: list[str] | None = None) -> int:
                 "PASS" if load_mb / link >= BULK_TARGET_MBPS else "MISS",
             )
         )
+        if not args.quick:  # a TNGD-sized structured load: J of 640 x 100000 int16 codes, 128 MB in one frame
+            rng = np.random.default_rng(4)
+            ggn = driver.GGN(rng.standard_normal((640, 100_000)) / 316.0, np.eye(640), 1e-2)
+            ggn_mb = ggn.J.size * code_dtype(16).itemsize / 1e6
+            loads = {"in-process": lambda: local.load_matrix(ggn), "tcp": lambda: remote.load_matrix(ggn)}
+            times = _interleaved(loads, 2, 0)
+            inproc, tcp = _medians(times)
+            rows.append(
+                (
+                    f"GGN load: J 640x100000 on tngd-sim ({ggn_mb:.0f} MB of int16 codes in one frame, median of 2)",
+                    f"{inproc:.2f} s",
+                    f"{tcp:.2f} s ({ggn_mb / max(tcp - inproc, 1e-9):.0f} MB/s for the link)",
+                    "",
+                    "",
+                )
+            )
 
     head = ("measurement", "in-process", "tcp", "target", "")
     widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
