@@ -108,16 +108,16 @@ class LinearModel:
 
     def fixed_point(self, force: np.ndarray) -> np.ndarray:
         """V* = M^-1 f.  Cost O(n^2), once per force array (the engine choice and the run share it)."""
-        if self._memo.get("force") is not force:
-            if self.form == "modal":
-                target = self.modes @ ((self.modes.T @ force) / self.rates)
-            else:
-                # LAPACK's getrs itself, as lu_solve calls it, without the wrapper's checks (tens of us at small n)
-                target, info = _getrs(*self.lu, force)
-                if info != 0:
-                    raise ValueError(f"getrs failed with info {info}")
-            self._memo.update(force=force, target=target)
-        return self._memo["target"]
+        return _per_force(self._memo, force, self._solve)
+
+    def _solve(self, force: np.ndarray) -> np.ndarray:
+        if self.form == "modal":
+            return self.modes @ ((self.modes.T @ force) / self.rates)
+        # LAPACK's getrs itself, as lu_solve calls it, without the wrapper's checks (tens of us at small n)
+        target, info = _getrs(*self.lu, force)
+        if info != 0:
+            raise ValueError(f"getrs failed with info {info}")
+        return target
 
     def fresh_var(self, period: float) -> np.ndarray:
         """diag(Q): variance a sample adds that the previous sample did not predict, volts^2.  Memoised."""
@@ -249,6 +249,13 @@ def _memoised(memo: dict, key: tuple, make):
         memo.clear()
     value = memo[key] = make()
     return value
+
+
+def _per_force(memo: dict, force: np.ndarray, solve) -> np.ndarray:
+    """solve(force), kept for the last force array (by identity: the firmware makes a new array per load)."""
+    if memo.get("force") is not force:
+        memo.update(force=force, target=solve(force))
+    return memo["target"]
 
 
 def window(t: float, burn_in: float, period: float) -> tuple[int, int]:
@@ -489,9 +496,7 @@ class LowRankModel:
 
     def fixed_point(self, force: np.ndarray) -> np.ndarray:
         """V* = M^-1 f.  Cost O(N m), once per force array (the engine choice and the run share it)."""
-        if self._memo.get("force") is not force:
-            self._memo.update(force=force, target=self.apply(1.0 / self.all_rates(), force))
-        return self._memo["target"]
+        return _per_force(self._memo, force, lambda f: self.apply(1.0 / self.all_rates(), f))
 
     def stationary_var_upper(self) -> np.ndarray:
         """Per cell, an upper bound of the stationary variance: s^2 / (2 rate_min).  O(N)."""

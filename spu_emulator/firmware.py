@@ -681,7 +681,9 @@ class Firmware:
         rail_limit, adc_limit = limits
         period = 1.0 / self.spec.adc.sample_rate
         m0, m1 = window(t, burn_in, period)
-        checks = [(0.0, limit) for limit in (rail_limit,) if limit is not None]
+        checks = []  # (from which time, limit)
+        if rail_limit is not None:
+            checks.append((0.0, rail_limit))
         if adc_limit is not None and m1 > m0:  # the ADC only converts in the window
             checks.append(((m0 + 1) * period, adc_limit))
         target = model.fixed_point(self._phase_force())
