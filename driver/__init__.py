@@ -58,14 +58,21 @@ __all__ = [
 
 
 def open(  # noqa: A001 - the driver's verb
-    spec: str | Path = "spu-8",
+    spec: str | Path | dict = "spu-8",
     seed: int | None = None,
     *,
+    overrides: dict | None = None,
     timeout: float | None = None,
     poll_s: float | None = None,
 ) -> Device:
-    """Open an emulated SPU from a preset name (``"ideal"``, ``"spu-8"``, ``"tngd-sim"``)
-    or the path of a YAML spec, or a served device (``spu serve``) at ``"tcp://HOST:PORT"``.
+    """Open an emulated SPU from a preset name (``"ideal"``, ``"spu-8"``, ``"tngd-sim"``),
+    the path of a YAML spec or a mapping with the YAML's structure, or a served device
+    (``spu serve``) at ``"tcp://HOST:PORT"``.
+
+    ``overrides``: a device variant, ``{"adc.bits": 10, "noise.kappa0": 1e-3}``: dotted field
+    paths of ``firmware_spec/schema.yaml``, each replacing one field of the spec before it is
+    checked by the same loader as a file (a SpecError names the field).  ``dev.info.spec`` holds
+    the effective values.  A served device's spec is fixed by its server (``spu serve --set``).
 
     ``seed`` fixes the device: its component mismatch and its noise stream.  The
     same spec, seed and calls give bit-identical results; seed=None draws fresh
@@ -84,6 +91,12 @@ def open(  # noqa: A001 - the driver's verb
     if isinstance(spec, str) and spec.startswith("tcp://"):
         from .tcp import open_tcp  # imports the wire codec only when a socket is wanted
 
+        if overrides:
+            raise InvalidInputError(
+                f"overrides apply to in-process devices; the spec of {spec} is fixed by its server:"
+                " start it with `spu serve PRESET --set KEY=VALUE`"
+            )
         return open_tcp(spec, seed=seed, timeout=timeout, poll_s=poll_s)
-    transport = InProcessTransport(spec, seed=seed)
-    return Device(transport, label=f"device {str(spec)!r}")
+    transport = InProcessTransport(spec, seed=seed, overrides=overrides)
+    label = "a spec mapping" if isinstance(spec, dict) else str(spec)
+    return Device(transport, label=f"device {label!r}")

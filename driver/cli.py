@@ -14,10 +14,28 @@ import driver
 from .errors import SpuError
 
 
+def _overrides(args: argparse.Namespace) -> dict:
+    """The --set KEY=VALUE options as a dict (values read as YAML: 10, 1e-3, true, rc)."""
+    from spu_emulator.spec import parse_override  # the CLI starts both sides (see _serve)
+
+    out = {}
+    for text in args.set or []:
+        key, value = parse_override(text)
+        out[key] = value
+    return out
+
+
 def _info(args: argparse.Namespace) -> int:
     served = args.preset.startswith("tcp://")  # a served device has its own seed
-    with driver.open(args.preset, seed=None if served else 0) as dev:
+    overrides = _overrides(args)
+    with driver.open(args.preset, seed=None if served else 0, overrides=overrides or None) as dev:
         info = dev.info
+        if args.yaml:
+            from spu_emulator.spec import spec_from_mapping, spec_to_yaml
+
+            source = args.preset + "".join(f" --set {text}" for text in args.set or [])
+            print(spec_to_yaml(spec_from_mapping(info.spec, source=source)), end="")
+            return 0
         rail = f"+-{info.rail_v:g} V" if info.rail_v is not None else "off"
         print(f"{info.name}: {info.spec['description']}")
         rows = [
@@ -77,12 +95,30 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _presets() -> list[str]:
+    from spu_emulator.spec import preset_names
+
+    return preset_names()
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override one field of the spec by its dotted path in firmware_spec/schema.yaml"
+        " (e.g. --set adc.bits=10 --set noise.kappa0=1e-3); repeatable",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spu", description="Stochastic processing unit emulator")
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="describe a device preset or spec file")
-    info.add_argument("preset", help="preset name (ideal, spu-8, tngd-sim) or YAML path")
+    info.add_argument("preset", help=f"preset name ({', '.join(_presets())}) or YAML path")
+    _add_set(info)
+    info.add_argument("--yaml", action="store_true", help="print the effective spec as YAML (a file spu can load)")
     info.set_defaults(func=_info)
 
     solve = sub.add_parser("solve", help="solve A x = b on an emulated device")
@@ -106,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("preset", help="preset name or YAML path")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=0, help="TCP port (default 0: a free one, logged)")
+    _add_set(serve)
     serve.add_argument("--seed", type=int, default=None, help="device seed (default: fresh entropy)")
     serve.add_argument("--frame-timeout", type=float, default=None, help="seconds a frame may take once begun")
     serve.add_argument("--idle-timeout", type=float, default=None, help="seconds the holder may stay silent")
@@ -123,10 +160,16 @@ def _serve(args: argparse.Namespace) -> int:
     # The device side.  The CLI is the one place that starts both sides, so it imports the
     # emulator's server here, lazily; the driver package itself never does.
     from spu_emulator.server import serve
+    from spu_emulator.spec import SpecError as DeviceSpecError
+    from spu_emulator.spec import load_spec
 
     poll_s = None if args.poll_us is None else args.poll_us * 1e-6
     options = {"frame_timeout": args.frame_timeout, "idle_timeout": args.idle_timeout, "poll_s": poll_s}
-    return serve(args.preset, args.host, args.port, args.seed, **{k: v for k, v in options.items() if v is not None})
+    try:
+        spec = load_spec(args.preset, _overrides(args) or None)
+    except DeviceSpecError as exc:
+        raise driver.SpecError(str(exc)) from None
+    return serve(spec, args.host, args.port, args.seed, **{k: v for k, v in options.items() if v is not None})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from .errors import SpecError
 
-__all__ = ["Transport", "InProcessTransport"]
+__all__ = ["Transport", "InProcessTransport", "effective_spec"]
 
 
 class Transport(Protocol):
@@ -26,18 +26,16 @@ class Transport(Protocol):
 
 
 class InProcessTransport:
-    """An emulated device in this process, built from a preset name or YAML path."""
+    """An emulated device in this process, built from a preset name, YAML path or spec mapping,
+    with optional dotted overrides (``{"adc.bits": 10}``)."""
 
-    def __init__(self, spec: str | Path, seed: int | None = None):
+    def __init__(
+        self, spec: str | Path | dict[str, Any], seed: int | None = None, overrides: dict[str, Any] | None = None
+    ):
         # the one place the driver touches the emulator: through its firmware entry point
-        from spu_emulator import Firmware, load_spec
-        from spu_emulator import SpecError as DeviceSpecError
+        from spu_emulator import Firmware
 
-        try:
-            device_spec = load_spec(spec)
-        except DeviceSpecError as exc:
-            raise SpecError(str(exc)) from None
-        self._firmware = Firmware(device_spec, seed=seed)
+        self._firmware = Firmware(_load(spec, overrides), seed=seed)
 
     @property
     def firmware(self):
@@ -49,3 +47,19 @@ class InProcessTransport:
 
     def close(self) -> None:
         self._firmware = None
+
+
+def _load(spec: Any, overrides: dict[str, Any] | None):
+    from spu_emulator import SpecError as DeviceSpecError
+    from spu_emulator import load_spec
+
+    try:
+        return load_spec(spec, overrides)
+    except DeviceSpecError as exc:
+        raise SpecError(str(exc)) from None
+
+
+def effective_spec(spec: str | Path | dict[str, Any], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The spec an in-process device would get, as plain data, checked by the emulator's loader
+    (raises :class:`driver.SpecError` naming the field).  Builds no device."""
+    return _load(spec, overrides).to_dict()

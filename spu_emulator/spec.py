@@ -25,6 +25,10 @@ __all__ = [
     "DeviceSpec",
     "load_spec",
     "spec_from_mapping",
+    "apply_overrides",
+    "parse_override",
+    "spec_to_yaml",
+    "field_paths",
     "preset_names",
     "schema",
 ]
@@ -190,14 +194,115 @@ def preset_names() -> list[str]:
     return sorted(names)
 
 
-def load_spec(name_or_path: str | Path) -> DeviceSpec:
-    """Load a preset by name (``"spu-8"``) or a spec from a YAML file path."""
-    text, source = _read(name_or_path)
-    try:
-        data = read_yaml(text)
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{source}: not valid YAML: {exc}") from None
+def load_spec(spec: str | Path | dict[str, Any] | DeviceSpec, overrides: dict[str, Any] | None = None) -> DeviceSpec:
+    """Load a device spec, with optional dotted overrides, through the schema's checks.
+
+    ``spec``: a preset name (``"spu-8"``), the path of a YAML file, a mapping with the YAML's
+    structure, or a DeviceSpec.  ``overrides``: ``{"adc.bits": 10, "noise.kappa0": 1e-3}``, dotted
+    paths of ``firmware_spec/schema.yaml``; each replaces one field before the spec is checked, so
+    a variant meets exactly the checks a file would (and its errors name the field).
+    """
+    if isinstance(spec, DeviceSpec):
+        data, source = spec.to_dict(), spec.source
+    elif isinstance(spec, dict):
+        data, source = spec, "<mapping>"
+    elif isinstance(spec, (str, Path)):
+        text, source = _read(spec)
+        try:
+            data = read_yaml(text)
+        except yaml.YAMLError as exc:
+            raise SpecError(f"{source}: not valid YAML: {exc}") from None
+    else:
+        raise SpecError(f"a spec is a preset name, a YAML path, a mapping or a DeviceSpec, got {type(spec).__name__}")
+    if overrides:
+        data = apply_overrides(data, overrides, source)
+        source = f"{source} with " + ", ".join(f"{key}={value!r}" for key, value in overrides.items())
+    elif isinstance(spec, DeviceSpec):
+        return spec
     return spec_from_mapping(data, source=source)
+
+
+def field_paths() -> dict[str, dict[str, Any]]:
+    """Every settable field of the schema by dotted path (``"adc.bits"``) -> its schema entry."""
+    out: dict[str, dict[str, Any]] = {}
+
+    def walk(sch: dict[str, Any], prefix: str) -> None:
+        for key, sub in sch["properties"].items():
+            if sub["type"] == "object":
+                walk(sub, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = sub
+
+    walk(schema(), "")
+    return out
+
+
+def apply_overrides(data: Any, overrides: dict[str, Any], source: str = "<mapping>") -> dict[str, Any]:
+    """A copy of the spec mapping ``data`` with each dotted path of ``overrides`` set to its value.
+
+    Paths must name a field of the schema (``"adc.bits"``, not ``"adc"`` nor ``"adc.bitz"``); the
+    values are checked later, with the rest of the spec, by :func:`spec_from_mapping`.
+    """
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a spec must be a mapping, got {type(data).__name__}")
+    if not isinstance(overrides, dict):
+        raise SpecError(f"overrides must be a mapping of dotted field paths to values, got {overrides!r}")
+    out = _copy_mapping(data)
+    fields = field_paths()
+    for path, value in overrides.items():
+        if not isinstance(path, str) or path not in fields:
+            raise SpecError(f"{source}: override {path!r}: {_unknown_path(path, fields)}")
+        node = out
+        *parents, leaf = path.split(".")
+        for where, part in enumerate(parents):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                here = ".".join(parents[: where + 1])
+                raise SpecError(f"{source}: field {here} must be a mapping, got {child!r}")
+            node = child
+        node[leaf] = value
+    return out
+
+
+def _copy_mapping(data: dict[str, Any]) -> dict[str, Any]:
+    return {key: _copy_mapping(value) if isinstance(value, dict) else value for key, value in data.items()}
+
+
+def _unknown_path(path: Any, fields: dict[str, dict[str, Any]]) -> str:
+    text = str(path)
+    sections = sorted({key.split(".")[0] for key in fields if "." in key})
+    head = text.split(".")[0]
+    if head in sections:
+        inside = [key for key in fields if key.startswith(head + ".")]
+        if text == head:
+            return f"{head} is a section; set one of its fields: {', '.join(inside)}"
+        return f"no such field; the fields of {head} are {', '.join(inside)}"
+    top = [key for key in fields if "." not in key]
+    return f"no such field; the sections are {', '.join(sections)} and the top-level fields {', '.join(top)}"
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"adc.bits=10"`` -> ``("adc.bits", 10)``: the value is read as YAML (``1e-3`` a number,
+    ``true`` a boolean, ``rc`` a string).  Raises SpecError for text without ``=``."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise SpecError(f"--set takes KEY=VALUE with a dotted field path, e.g. adc.bits=10; got {text!r}")
+    try:
+        parsed = read_yaml(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    if isinstance(parsed, (dict, list)) or parsed is None:
+        parsed = value
+    return key, parsed
+
+
+def spec_to_yaml(spec: DeviceSpec) -> str:
+    """The spec as YAML text in the layout of the preset files; :func:`load_spec` reads it back equal."""
+    header = f"# effective spec of {spec.source}\n"
+    return header + yaml.safe_dump(spec.to_dict(), sort_keys=False, default_flow_style=False)
 
 
 def _read(name_or_path: str | Path) -> tuple[str, str]:
