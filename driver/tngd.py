@@ -72,8 +72,10 @@ returns g itself (plain SGD or Adam through the same update code).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -239,6 +241,50 @@ class TNGD:
         self._moment1: np.ndarray | None = None
         self._moment2: np.ndarray | None = None
         self._steps = 0
+        # False when the device may not hold the estimate (a restored state, a failed step): the next
+        # device step then sets the device state to the estimate before it runs
+        self._device_holds_estimate = False
+
+    _STATE_ARRAYS = ("estimate", "velocity", "moment1", "moment2")
+    _STATE_SCALARS = ("state_scale", "n", "steps")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimiser's state as plain values (copies): the last estimate g~ (N,), the momentum or
+        Adam moments (N,), the step count, the state scale r and the length N; None where unset.
+
+        Hyperparameters are not included: they are the constructor's arguments.
+        """
+        state: dict[str, Any] = {name: getattr(self, "_" + name) for name in self._STATE_SCALARS}
+        for name in self._STATE_ARRAYS:
+            value = getattr(self, "_" + name)
+            state[name] = None if value is None else np.array(value, dtype=np.float64)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`.  The device state is not part of it: the next device step sets
+        the device's state to the saved estimate g~ (one relaxation run) and continues from there, on
+        this device or a fresh one; the delay run of that step is skipped (the previous load is gone)."""
+        if not isinstance(state, dict) or set(state) != set(self._STATE_ARRAYS + self._STATE_SCALARS):
+            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise InvalidInputError(
+                f"a TNGD state must be a dict with keys {sorted(self._STATE_ARRAYS + self._STATE_SCALARS)},"
+                f" got {keys}; pass what TNGD.state_dict() returned"
+            )
+        n = state["n"]
+        arrays = {}
+        for name in self._STATE_ARRAYS:
+            value = state[name]
+            if value is not None:
+                value = ngd._array(value, f"state {name!r}", 1)
+                if value.shape[0] != n:
+                    raise InvalidInputError(f"state {name!r} has {value.shape[0]} entries but the state's n is {n}")
+            arrays[name] = value
+        self.reset()
+        for name, value in arrays.items():
+            setattr(self, "_" + name, None if value is None else value.copy())
+        self._n = n
+        self._steps = int(state["steps"])
+        self._state_scale = self.state_scale_fixed if self.state_scale_fixed is not None else state["state_scale"]
 
     @property
     def last_record(self) -> StepRecord | None:
@@ -256,6 +302,10 @@ class TNGD:
         damping (the client adds lambda I).  Returns (N,) float64.  Cost: device loads of F (N^2
         codes) or J, H (m (m + 2N) codes), one run of s t tau, one read; digital see driver.ngd.
         """
+        with self._atomic():
+            return self._natural_gradient(grad, F, J, H)
+
+    def _natural_gradient(self, grad: Any, F: Any, J: Any, H: Any) -> np.ndarray:
         started = time.perf_counter()
         if self.solver == "none":
             g = ngd._array(grad, "gradient", 1)
@@ -301,7 +351,10 @@ class TNGD:
             raise InvalidInputError(
                 f"params have shape {theta.shape} but the gradient has {g.shape}; they must have the same length"
             )
-        direction = self.natural_gradient(g, F=F, J=J, H=H)
+        with self._atomic():
+            return self._update(theta, self._natural_gradient(g, F, J, H))
+
+    def _update(self, theta: np.ndarray, direction: np.ndarray) -> np.ndarray:
         self._steps += 1
         if self.base == "sgd":
             if self.momentum > 0.0:
@@ -318,6 +371,21 @@ class TNGD:
         v_hat = self._moment2 / (1.0 - b2**self._steps)
         return theta - self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
 
+    @contextlib.contextmanager
+    def _atomic(self) -> Iterator[None]:
+        """A call that fails leaves the optimiser's state as it was.  If it reached the device, the device
+        state is no longer the continuation of the estimate: the next step sets it to the estimate first."""
+        saved = self.state_dict()
+        previous_scale, holds = self._previous_scale, self._device_holds_estimate
+        calls = len(self.device.timeline) if self.solver == "device" else 0
+        try:
+            yield
+        except BaseException:
+            self.load_state_dict(saved)
+            self._previous_scale = previous_scale
+            self._device_holds_estimate = holds and (self.solver != "device" or len(self.device.timeline) == calls)
+            raise
+
     # -- the device step -----------------------------------------------------------------------------
     def _device_step(self, g: np.ndarray, curv: ngd.Curvature, tally: _Tally) -> np.ndarray:
         fresh = self._estimate is None or not self.warm_start
@@ -328,14 +396,16 @@ class TNGD:
         self._check_times(t_device, scale)
         if self.state_scale_fixed is not None:
             self._check_fits_dac(g, scale, g if fresh else None)
-        if not fresh and self.delay > 0.0 and self._previous_scale is not None:
+        if not fresh and self.delay > 0.0 and self._previous_scale is not None and self._device_holds_estimate:
             # the device keeps evolving under the previous F and g while the host computes this batch
             try:
                 self._run(self.delay * self._previous_scale, 0.0, tally)
             except SaturationError:
                 pass  # the delay run was discarded (state unchanged); carry on from where it was
         x_start = g if fresh else None
-        if x_start is None and self._needs_reranging(g, scale):
+        if x_start is None and not self._device_holds_estimate:
+            x_start = self._estimate  # a restored state: the device holds something else
+        elif x_start is None and self._needs_reranging(g, scale):
             x_start = self._read_state(tally)
         if x_start is not None:
             self._state_scale = self._choose_state_scale(g, scale, x_start)
@@ -375,6 +445,7 @@ class TNGD:
             )
         x = self._read_state(tally) if self.readout == "state" or t_device == 0.0 else self._read_mean(tally)
         self._estimate = x
+        self._device_holds_estimate = True
         return x
 
     def _check_times(self, t_device: float, scale: float) -> None:
