@@ -27,6 +27,7 @@ from .errors import (
     SpuError,
 )
 from .ggn import GGN
+from .sweeps import load_sweep, sweep
 from .tngd import TNGD
 from .transport import InProcessTransport
 
@@ -44,6 +45,8 @@ __all__ = [
     "ngd",
     "tngd",
     "TNGD",
+    "sweep",
+    "load_sweep",
     "SpuError",
     "InvalidInputError",
     "SpecError",

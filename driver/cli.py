@@ -95,6 +95,33 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from .sweeps import SweepInterrupted, load_sweep, sweep
+
+    plan = load_sweep(args.sweep)  # checked before anything runs: errors exit 2
+    try:
+        result = sweep(
+            plan, args.out, workers=args.workers, dask=args.dask, progress=not args.quiet, plots=not args.no_plots
+        )
+    except SweepInterrupted as stopped:
+        kept = stopped.result.skipped + stopped.result.ran
+        print(
+            f"spu sweep: interrupted; {kept} of {stopped.result.total} cells kept in {stopped.result.results}"
+            f" (run the same command again to finish)",
+            file=sys.stderr,
+        )
+        return 130
+    print(
+        f"{result.total} cells ({result.ran} run, {result.skipped} already done) in {result.wall_time_s:.1f} s:"
+        f" {result.results}"
+    )
+    if result.errors:
+        print(f"  {result.errors} rows have an error (see the error column)")
+    for path in result.plots:
+        print(f"  plot {path}")
+    return 0
+
+
 def _presets() -> list[str]:
     from spu_emulator.spec import preset_names
 
@@ -153,6 +180,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="microseconds to busy-poll for the next request after a reply (default 500; 0: sleep at once)",
     )
     serve.set_defaults(func=_serve)
+    sweep = sub.add_parser(
+        "sweep",
+        help="run a robustness study: a grid of device variants x seeds x a workload",
+        description="Run the sweep described by SWEEP.yaml (see examples/robustness.yaml) into DIR:"
+        " results.csv, sweep.yaml and plots/.  Re-running with the same DIR skips the finished cells.",
+    )
+    sweep.add_argument("sweep", metavar="SWEEP.yaml", help="the sweep file")
+    sweep.add_argument("--out", required=True, metavar="DIR", help="output directory (created; resumed if it exists)")
+    where = sweep.add_mutually_exclusive_group()
+    where.add_argument(
+        "--workers", type=int, default=None, help="local worker processes (default: one per core; 1: serial)"
+    )
+    where.add_argument(
+        "--dask",
+        metavar="ADDRESS",
+        default=None,
+        help="run on a dask.distributed scheduler at ADDRESS (tcp://HOST:PORT), or local:N for a LocalCluster of N"
+        ' workers (pip install "spu-emulator[dask]")',
+    )
+    sweep.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
+    sweep.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    sweep.set_defaults(func=_sweep)
     return parser
 
 
