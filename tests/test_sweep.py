@@ -339,3 +339,12 @@ def test_progress_lines_when_not_a_terminal(tmp_path, capsys):
 def test_robustness_example_is_a_valid_sweep():
     plan = load_sweep(ROOT / "examples" / "robustness.yaml")
     assert plan.device_spec["name"] == "spu-8" and set(plan.keys) == {"adc.bits", "noise.kappa0", "coupling.mismatch"}
+
+
+def test_readme_overrides_example(capsys):
+    """The python block under the README's "## Robustness studies" runs as written and prints what it says."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Robustness studies", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md (## Robustness studies)", "exec"), {})
+    assert capsys.readouterr().out.split() == ["10", "0.001", "4"]

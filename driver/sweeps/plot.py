@@ -102,9 +102,11 @@ def plot_results(plan: Sweep, out: str | Path) -> list[Path]:
         for row in rows:
             group = tuple(row[k] for k in others)
             table[group][row[key]][row["seed"]].append(_number(row[metric]))
-        figure, axes = plt.subplots(figsize=(6.4, 4.4))
+        many = len(table) > 4  # the legend goes beside the axes
+        figure, axes = plt.subplots(figsize=(9.6 if many else 6.4, 4.8))
+        colours = plt.get_cmap("tab20" if len(table) > 10 else "tab10")
         all_values = []
-        for group, by_x in table.items():
+        for number, (group, by_x) in enumerate(table.items()):
             xs = sorted(by_x, key=_number) if numeric else [x for x in xs_text if x in by_x]
             position = [_number(x) if numeric else xs_text.index(x) for x in xs]
             means, lows, highs = [], [], []
@@ -116,7 +118,7 @@ def plot_results(plan: Sweep, out: str | Path) -> list[Path]:
                 highs.append(per_seed.max() if per_seed.size else np.nan)
             all_values += lows + highs
             label = ", ".join(f"{k}={v}" for k, v in zip(others, group, strict=True)) or "mean over seeds"
-            (line,) = axes.plot(position, means, marker="o", label=label)
+            (line,) = axes.plot(position, means, marker="o", label=label, color=colours(number % colours.N))
             axes.fill_between(position, lows, highs, color=line.get_color(), alpha=0.2, linewidth=0)
         if numeric and _log_scale(np.array([_number(x) for x in xs_text])):
             axes.set_xscale("log")
@@ -129,7 +131,10 @@ def plot_results(plan: Sweep, out: str | Path) -> list[Path]:
         seeds = len(plan.seeds)
         axes.set_title(f"{plan.workload} on {device}: mean, band = min..max over {seeds} seed{'s' * (seeds > 1)}")
         axes.grid(True, which="both", alpha=0.3)
-        axes.legend(fontsize="small", title=None if others else None)
+        if many:
+            axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        else:
+            axes.legend(fontsize="small")
         figure.tight_layout()
         path = folder / f"{metric}_vs_{key}.png"
         figure.savefig(path, dpi=100)
