@@ -191,8 +191,9 @@ def _collect(pool: Any, futures: list[Any]) -> Iterator[dict[str, Any]]:
             yield future.result()
     except BaseException:
         # Ctrl-C (or a failure): drop the queued cells and stop the ones in flight now
+        processes = list((getattr(pool, "_processes", None) or {}).values())  # private; shutdown clears it
         pool.shutdown(wait=False, cancel_futures=True)
-        for process in list(getattr(pool, "_processes", {}).values()):
+        for process in processes:
             process.terminate()
         raise
     else:
@@ -474,8 +475,9 @@ def sweep(
         except KeyboardInterrupt:
             interrupted = True
         finally:
-            bar.close()
-            _write_atomic(out / RESULTS, _csv_text(plan, done))
+            with _no_sigint() if interrupted else contextlib.nullcontext():  # a second Ctrl-C waits for the CSV
+                bar.close()
+                _write_atomic(out / RESULTS, _csv_text(plan, done))
     else:
         _Progress(len(cells), skipped, progress).close()
         _write_atomic(out / RESULTS, _csv_text(plan, done))
@@ -506,6 +508,20 @@ class SweepInterrupted(KeyboardInterrupt):
             f"sweep interrupted: {result.skipped + result.ran} of {result.total} cells kept in {result.out}"
         )
         self.result = result
+
+
+@contextlib.contextmanager
+def _no_sigint() -> Iterator[None]:
+    """Hold off further Ctrl-C while the finished cells are written (main thread only)."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: signals are not ours to handle
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _journal_line(cell: int, rows: list[dict[str, Any]]) -> str:
