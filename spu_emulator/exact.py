@@ -141,19 +141,21 @@ class LinearModel:
         """Per cell, a lower bound of the fresh variance per sample (here diag(Q) itself), volts^2."""
         return self.fresh_var(period)
 
-    def reach(self, state: np.ndarray, target: np.ndarray, start: float = 0.0, tight: bool = False) -> np.ndarray:
-        """Per cell, a bound on |V_i(s)| for s >= start along the mean path V(s) = V* + e^{-M s} d from
-        ``state`` (s = 0) to ``target`` V*, d = state - target (contractive M).
+    def reach(
+        self, state: np.ndarray, target: np.ndarray, start: float = 0.0, tight: bool = False, stop: float = math.inf
+    ) -> np.ndarray:
+        """Per cell, a bound on |V_i(s)| for start <= s <= stop along the mean path V(s) = V* + e^{-M s} d
+        from ``state`` (s = 0) to ``target`` V*, d = state - target (contractive M).
 
         ||e^{-M s} d|| <= e^{-mu s} ||d|| (mu = contraction_rate), so |V*_i| + e^{-mu start} ||d||: O(n).
         ``tight`` (modal form): the smaller of that and :func:`_modal_path_bound`, which follows each
-        cell's own path, O(n^2 G) with G = 64 time points; the l2 bound grows as sqrt(n) for a path
-        spread over many cells, this one does not.
+        cell's own path up to ``stop`` (the end of the run), O(n^2 G) with G = 64 time points; the l2
+        bound grows as sqrt(n) for a path spread over many cells, this one does not.
         """
         d = state - target
         bound = np.abs(target) + math.exp(-self.contraction_rate * start) * float(np.linalg.norm(d))
         if tight and self.form == "modal":
-            bound = np.minimum(bound, _modal_path_bound(self.modes, self.rates, d, target, start))
+            bound = np.minimum(bound, _modal_path_bound(self.modes, self.rates, d, target, start, stop))
         return bound
 
 
@@ -213,23 +215,40 @@ _PATH_POINTS = 64  # time points of _modal_path_bound
 
 
 def _modal_path_bound(
-    modes: np.ndarray, rates: np.ndarray, d: np.ndarray, target: np.ndarray, start: float
+    modes: np.ndarray, rates: np.ndarray, d: np.ndarray, target: np.ndarray, start: float, stop: float = math.inf
 ) -> np.ndarray:
-    """Per cell, a bound on |V_i(s)| for s >= start, V(s) = V* + W e^{-L s} y with y = W^T d, for
+    """Per cell, a bound on |V_i(s)| for start <= s <= stop, V(s) = V* + W e^{-L s} y with y = W^T d, for
     symmetric positive definite M = W L W^T.  O(n^2 G).
 
     Each term W_ik y_k e^{-l_k s} is monotone in s, so over [a, b] cell i moves from its value at a
     by at most sum_k |W_ik y_k| (e^{-l_k a} - e^{-l_k b}).  The path is evaluated at G points s_j
-    from start (start + 0.02 / l_max geometrically up to start + 40 / l_min) and each stretch [s_j,
-    s_j+1] (the last to infinity) gets its value at s_j plus that increment; the bound is the
-    largest over the stretches, rigorous whatever the spacing.
+    from start (start + 0.02 / l_max geometrically up to start + 40 / l_min, or to stop if sooner)
+    and each stretch [s_j, s_j+1] (the last to stop) gets its value at s_j plus that increment; the
+    bound is the largest over the stretches, rigorous whatever the spacing.
     """
-    low, high = 0.02 / rates[-1], 40.0 / rates[0]
+    decay, steps = _path_grid(rates, start, stop)
+    return _path_bound(modes, modes.T @ d, decay, steps, target)
+
+
+def _path_grid(rates: np.ndarray, start: float, stop: float = math.inf) -> tuple[np.ndarray, np.ndarray]:
+    """(e^{-l_k s_j}, its drop over each stretch [s_j, s_j+1], the last to stop), both (k, G)."""
+    span = stop - start
+    if not span > 0.0:
+        decay = np.exp(-rates * start)[:, None]
+        return decay, np.zeros_like(decay)
+    high = min(40.0 / float(rates.min()), span)
+    low = min(0.02 / float(rates.max()), 0.5 * high)
     times = start + np.concatenate(([0.0], np.geomspace(low, max(high, 2.0 * low), _PATH_POINTS - 1)))
-    decay = np.exp(-np.outer(rates, times))  # (n, G)
-    y = modes.T @ d
+    decay = np.exp(-np.outer(rates, times))
+    end = np.exp(-rates * stop)[:, None]  # 0 for a path followed to infinity
+    return decay, np.concatenate((decay[:, :-1] - decay[:, 1:], decay[:, -1:] - end), axis=1)
+
+
+def _path_bound(
+    modes: np.ndarray, y: np.ndarray, decay: np.ndarray, steps: np.ndarray, target: np.ndarray
+) -> np.ndarray:
+    """max over the stretches of |V*_i + sum_k W_ik y_k e^{-l_k s_j}| + sum_k |W_ik y_k| drop_kj (see above)."""
     values = target[:, None] + modes @ (y[:, None] * decay)
-    steps = np.concatenate((decay[:, :-1] - decay[:, 1:], decay[:, -1:]), axis=1)  # the last stretch to infinity
     increments = np.abs(modes) @ (np.abs(y)[:, None] * steps)
     return (np.abs(values) + increments).max(axis=1)
 
@@ -511,21 +530,50 @@ class LowRankModel:
         x = np.minimum(self.diagonal_bound, self.rate_max)
         return self.noise_level**2 * -np.expm1(-2.0 * x * period) / (2.0 * x)
 
-    def reach(self, state: np.ndarray, target: np.ndarray, start: float = 0.0, tight: bool = False) -> np.ndarray:
-        """Per cell, a bound on |V_i(s)| for s >= start along the mean path from ``state`` (s = 0) to
-        ``target``.  O(N m); ``tight`` changes nothing here (the bound is per cell already).
+    def reach(
+        self, state: np.ndarray, target: np.ndarray, start: float = 0.0, tight: bool = False, stop: float = math.inf
+    ) -> np.ndarray:
+        """Per cell, a bound on |V_i(s)| for start <= s <= stop along the mean path from ``state`` (s = 0) to
+        ``target``.  O(N m); ``tight``: O(N m r), r the modes kept.
 
         V(s) = (V* + e^{-beta s} c) + W e^{-rates s} y with y = W^T d and c = d - W y, d = V(0) - V*.
-        The first term is affine in e^{-beta s} in [0, e^{-beta start}], so at most
-        max(|V*_i|, |V*_i + e^{-beta start} c_i|); the second at most e^{-r start} ||y||, r the least
-        of the rates (the rows of W have norm at most 1).
+        The first term is affine in e^{-beta s} in [e^{-beta stop}, e^{-beta start}], so at most its
+        larger end; the second at most e^{-r start} ||y||, r the least
+        of the rates (the rows of W have norm at most 1).  ``tight``: the smaller of that and the
+        path followed cell by cell as in :func:`_modal_path_bound`, the complement c one more mode of
+        rate beta; the l2 bound grows as sqrt(N) for a path spread over many cells, this one does not.
+        W is formed a block of rows at a time (at most 2^22 values held): O(N m r + N r G).
         """
         d = state - target
         y = self.project(d)
         c = d - self.expand(y)
         modes = math.exp(-float(self.rates.min()) * start) if self.rates.size else 0.0
         edge = np.abs(target + math.exp(-self.base_rate * start) * c)
-        return np.maximum(np.abs(target), edge) + modes * float(np.linalg.norm(y))
+        far = np.abs(target + math.exp(-self.base_rate * stop) * c)
+        bound = np.maximum(far, edge) + modes * float(np.linalg.norm(y))
+        if not tight:
+            return bound
+        rates = np.append(self.rates, self.base_rate)
+        weights = np.append(y, 1.0)  # c's own weight: its "mode" is c itself
+        decay, steps = _path_grid(rates, start, stop)  # a contractive model: every rate > 0
+        size = max(1, 2**22 // weights.size)
+        for first in range(0, d.shape[0], size):
+            rows = slice(first, first + size)
+            block = np.column_stack((self.j[:, rows].T @ self.coefs, c[rows]))
+            bound[rows] = np.minimum(bound[rows], _path_bound(block, weights, decay, steps, target[rows]))
+        return bound
+
+
+def diagonal_blocks(h: np.ndarray) -> list[slice]:
+    """The diagonal blocks of a symmetric h: the finest contiguous slices with h zero outside them.  O(m^2)."""
+    m = h.shape[0]
+    if m == 0:
+        return []
+    nonzero = h != 0.0
+    last = np.where(nonzero.any(axis=1), m - 1 - np.argmax(nonzero[:, ::-1], axis=1), 0)
+    reach = np.maximum.accumulate(np.maximum(last, np.arange(m)))
+    ends = np.flatnonzero(reach == np.arange(m)) + 1
+    return [slice(int(start), int(end)) for start, end in zip(np.r_[0, ends[:-1]], ends, strict=True)]
 
 
 def prepare_ggn(
@@ -551,27 +599,39 @@ def prepare_ggn(
         )
     if not np.array_equal(h, h.T):
         return None, "its H array is not symmetric"
-    try:  # h = root root^T: a Cholesky factor when h is positive definite, else from eigh
-        root = np.linalg.cholesky(h)
-        h_top = min(float(np.linalg.norm(h)), float(np.abs(h).sum(axis=1).max()))  # >= ||h||_2
-    except np.linalg.LinAlgError:
-        h_values, h_vectors = np.linalg.eigh(h)
-        top = float(np.abs(h_values).max())
-        if h_values[0] < -1e-10 * top:
-            return None, (
-                f"its H array is not positive semi-definite (eigenvalue {h_values[0]:.3g} against {top:.3g});"
-                " driver.GGN loads keep H's codes positive semi-definite"
-            )
-        h_values = np.clip(h_values, 0.0, None)
-        root = h_vectors * np.sqrt(h_values)
-        h_top = float(h_values[-1])
-    gram = j @ j.T
-    inner = root.T @ gram @ root
+    # h = root root^T, block by block along h's diagonal blocks (a batch's loss Hessians are d_z x d_z
+    # blocks): a Cholesky factor where a block is positive definite, else from eigh; one block when dense
+    blocks = diagonal_blocks(h)
+    roots, lowest, h_top = [], 0.0, 0.0
+    for block in blocks:
+        h_block = h[block, block]
+        try:
+            roots.append(np.linalg.cholesky(h_block))
+            h_top = max(h_top, min(float(np.linalg.norm(h_block)), float(np.abs(h_block).sum(axis=1).max())))
+        except np.linalg.LinAlgError:
+            values, vectors = np.linalg.eigh(h_block)
+            lowest = min(lowest, float(values[0]))
+            h_top = max(h_top, float(np.abs(values).max()))
+            roots.append(vectors * np.sqrt(np.clip(values, 0.0, None)))
+    if lowest < -1e-10 * h_top:
+        return None, (
+            f"its H array is not positive semi-definite (eigenvalue {lowest:.3g} against {h_top:.3g});"
+            " driver.GGN loads keep H's codes positive semi-definite"
+        )
+    inner = j @ j.T
+    for block, root in zip(blocks, roots, strict=True):  # root^T (J J^T) root at O(m^2 d) for d x d blocks
+        inner[block, :] = root.T @ inner[block, :]
+    for block, root in zip(blocks, roots, strict=True):
+        inner[:, block] = inner[:, block] @ root
     mu, rotation = np.linalg.eigh(0.5 * (inner + inner.T))
     top_mu = float(mu[-1]) if m else 0.0
     keep = np.flatnonzero(mu > m * np.finfo(float).eps * top_mu) if top_mu > 0.0 else np.zeros(0, dtype=int)
     keep = keep[-n:]  # at most N modes in N dimensions
-    coefs = (root @ rotation[:, keep]) / np.sqrt(mu[keep])
+    kept = rotation[:, keep]
+    coefs = np.empty((m, keep.size))
+    for block, root in zip(blocks, roots, strict=True):
+        coefs[block] = root @ kept[block]
+    coefs /= np.sqrt(mu[keep])
     gamma = float(inv_c[0])
     beta = gamma * float(damping[0])
     rates = beta + gamma * mu[keep]

@@ -692,8 +692,8 @@ class Firmware:
             return reach is not None and not any(np.any(reach >= limit) for _, limit in checks)
         state = self._state[:n]
         return not any(
-            np.any(model.reach(state, target, start) >= limit)
-            and np.any(model.reach(state, target, start, tight=True) >= limit)
+            np.any(model.reach(state, target, start, stop=t) >= limit)
+            and np.any(model.reach(state, target, start, tight=True, stop=t) >= limit)
             for start, limit in checks
         )
 
