@@ -50,8 +50,8 @@ class GGN:
     damping > 0); a problem raises InvalidInputError naming the shapes and values.  The arrays are
     kept as float64, not copied when they already are: do not change them afterwards.
 
-    Cost O(m N + m^3) to validate (an eigvalsh of H).  ``matvec`` is O(m N); ``to_dense`` forms
-    N x N and is for small problems and tests only.
+    Cost O(m N + sum_k d_k^3) to validate, d_k the sizes of H's diagonal blocks (m^3 for a dense H).
+    ``matvec`` is O(m N); ``to_dense`` forms N x N and is for small problems and tests only.
     """
 
     J: np.ndarray
@@ -82,12 +82,13 @@ class GGN:
                 f" (max|H| = {biggest:.3g}); pass (H + H.T) / 2"
             )
         # a Cholesky factor of H + 1e-10 ||H|| I settles it at a sixth of the cost of eigvalsh
-        if not _positive_definite(H + (PSD_RTOL * _norm_bound(H)) * np.eye(m)):
-            values = np.linalg.eigvalsh(H)
-            if values[0] < -PSD_RTOL * max(abs(values[0]), abs(values[-1])):
+        blocks = _diagonal_blocks(H)
+        if not _positive_definite(H + (PSD_RTOL * _norm_bound(H)) * np.eye(m), blocks):
+            lowest, highest = _eigenvalue_range(H, blocks)
+            if lowest < -PSD_RTOL * max(abs(lowest), abs(highest)):
                 raise InvalidInputError(
-                    f"GGN H must be positive semi-definite: its smallest eigenvalue is {values[0]:.3g} (largest"
-                    f" {values[-1]:.3g}); a loss Hessian such as diag(p) - p p^T is, so check how H was formed"
+                    f"GGN H must be positive semi-definite: its smallest eigenvalue is {lowest:.3g} (largest"
+                    f" {highest:.3g}); a loss Hessian such as diag(p) - p p^T is, so check how H was formed"
                 )
         damping = self.damping
         if isinstance(damping, bool) or not isinstance(damping, (int, float, np.integer, np.floating)):
@@ -283,28 +284,67 @@ def _keep_psd(q: Quantised, values: np.ndarray, bits: int, full_scale: float) ->
 
     The unrounded H is positive semi-definite, so the rounding error E bounds the deficit:
     lambda_min(codes) >= -||E||_2; the raise is ceil(-lambda_min) LSBs, at most the rounding's size.
+    A diagonal code already at full scale cannot rise (H's largest entry is on its diagonal, so this
+    is common): that row's off-diagonal codes shrink toward zero by the missing LSBs instead, which
+    lowers its Gershgorin radius as the raise would have raised its centre.  Checked after each of at
+    most 4 rounds; a code matrix still indefinite goes to the device as it is (its exact engine then
+    refuses the array and ``auto`` steps it in the transient engine).
     """
     codes = q.codes
     as_float = codes.astype(np.float64)
-    if _positive_definite(as_float):  # the common case, at a sixth of the cost of eigvalsh
+    blocks = _diagonal_blocks(as_float)
+    if _positive_definite(as_float, blocks):  # the common case, at a sixth of the cost of eigvalsh
         return q, 0
-    lowest = float(np.linalg.eigvalsh(as_float)[0])
+    lowest = _eigenvalue_range(as_float, blocks)[0]
     if lowest >= 0.0:
         return q, 0
     raised = math.ceil(-lowest)
     top = code_max(bits)
-    codes = np.clip(codes + raised * np.eye(codes.shape[0], dtype=np.int64), -top, top).astype(codes.dtype)
+    work = codes.astype(np.int64)
+    diagonal = np.diag_indices_from(work)
+    for _ in range(4):
+        room = np.minimum(raised, top - work[diagonal])
+        work[diagonal] += room
+        short = raised - room
+        for i in np.flatnonzero(short):
+            for line in (work[i, :], work[:, i]):  # row and column alike: the codes stay symmetric
+                off = line.copy()
+                off[i] = 0
+                line -= np.sign(off) * np.minimum(np.abs(off), short[i])
+        if _positive_definite(work.astype(np.float64), blocks):
+            break
+    codes = work.astype(codes.dtype)
     error = np.abs(values / full_scale - codes / top)
     return Quantised(codes, q.clipped, q.zeroed, float(error.max(initial=0.0))), raised
 
 
-def _positive_definite(a: np.ndarray) -> bool:
-    """Whether the symmetric a has a Cholesky factor (is positive definite to round-off).  O(m^3 / 3)."""
+def _diagonal_blocks(a: np.ndarray) -> list[slice]:
+    """The diagonal blocks of a symmetric a: the finest contiguous slices with a zero outside them.  O(m^2).
+
+    A batch's H is block-diagonal (one d_z x d_z loss Hessian per sample), so its checks cost O(m d_z^2)."""
+    m = a.shape[0]
+    nonzero = a != 0.0
+    last = np.where(nonzero.any(axis=1), m - 1 - np.argmax(nonzero[:, ::-1], axis=1), 0)
+    reach = np.maximum.accumulate(np.maximum(last, np.arange(m)))  # farthest column any row so far touches
+    ends = np.flatnonzero(reach == np.arange(m)) + 1
+    return [slice(int(start), int(end)) for start, end in zip(np.r_[0, ends[:-1]], ends, strict=True)]
+
+
+def _positive_definite(a: np.ndarray, blocks: list[slice]) -> bool:
+    """Whether the symmetric a has a Cholesky factor (is positive definite to round-off), block by block.
+    O(sum d^3) for blocks of size d."""
     try:
-        np.linalg.cholesky(a)
+        for block in blocks:
+            np.linalg.cholesky(a[block, block])
     except np.linalg.LinAlgError:
         return False
     return True
+
+
+def _eigenvalue_range(a: np.ndarray, blocks: list[slice]) -> tuple[float, float]:
+    """(smallest, largest) eigenvalue of the symmetric a from its diagonal blocks."""
+    values = [np.linalg.eigvalsh(a[block, block]) for block in blocks]
+    return min(float(v[0]) for v in values), max(float(v[-1]) for v in values)
 
 
 def _norm_bound(a: np.ndarray) -> float:
