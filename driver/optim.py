@@ -54,7 +54,8 @@ LossLike = str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class GGNFactors:
     """One batch's loss, gradient and GGN factors (module docstring), in the model's dtype.
 
-    loss: 0-d, the batch mean; grad: (N,); J: (m, N); H: (m, m), block-diagonal with the 1/b folded in;
+    loss: 0-d, the batch mean; grad: (N,); J: (m, N); H: (m, m), block-diagonal with the 1/b folded in,
+    always float64 (from float32 probabilities diag(p) - p p^T is PSD only to float32 rounding);
     outputs: (b, d_z), the model's outputs flattened per sample.  F = J^T H J.
     """
 
@@ -76,7 +77,7 @@ class GGNFactors:
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """F v = J^T (H (J v)) for v (N,): O(N m + m^2), F never formed."""
-        return self.J.T @ (self.H @ (self.J @ v))
+        return self.J.T @ (self.H.to(self.J.dtype) @ (self.J @ v))
 
     def to_ggn(self, damping: float) -> GGN:
         """``driver.GGN(J, H, damping)`` in float64, ready for ``Device.load_matrix``."""
@@ -119,10 +120,14 @@ def ggn(model: torch.nn.Module, loss: LossLike, inputs: torch.Tensor, targets: t
         ) from error
     d_z = outputs.shape[1]
     J = torch.cat([blocks[name].reshape(b, d_z, -1) for name in names], dim=2).reshape(b * d_z, -1)
-    per_loss, residual, hessian = _loss_terms(kind, loss, outputs, targets)
-    loss_value = per_loss.mean()
+    # the loss's terms in float64: a Hessian from float32 probabilities is PSD only to float32 rounding,
+    # and the device's GGN form refuses an H that is not PSD
+    z64 = outputs.detach().to(torch.float64)
+    y64 = targets.to(torch.float64) if targets.is_floating_point() else targets
+    per_loss, residual, hessian = _loss_terms(kind, loss, z64, y64)
+    loss_value = per_loss.mean().to(outputs.dtype)
     H = torch.block_diag(*(hessian / b))
-    grad = J.T @ (residual.reshape(-1) / b)
+    grad = J.T @ (residual.reshape(-1) / b).to(J.dtype)
     for what, value in (("loss", loss_value), ("gradient", grad), ("Jacobian J", J), ("output Hessian H", H)):
         if not bool(torch.isfinite(value).all()):
             raise InvalidInputError(

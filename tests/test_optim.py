@@ -494,3 +494,19 @@ def test_target_shapes_and_dtypes(shape, dtype, kind):
 def test_driver_does_not_import_torch():
     code = "import sys, driver, driver.linalg, driver.tngd; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_readme_training_loop_runs(capsys):
+    """The python block under "## TNGD in PyTorch" runs as written and trains: the cross-entropy of 10
+    classes starts at about ln 10 = 2.3; after 30 steps the batch loss is below 1.5 (measured 0.68)."""
+    import pathlib
+
+    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("\n## TNGD in PyTorch\n", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.DOTALL).group(1)
+    torch.set_default_dtype(torch.float32)  # as a newcomer's session has it
+    namespace: dict = {"__name__": "__readme__"}
+    exec(compile(code, "README.md (## TNGD in PyTorch)", "exec"), namespace)
+    assert "loss" in capsys.readouterr().out
+    assert float(namespace["loss"]) < 1.5
+    assert all(record.solver == "device" for record in namespace["opt"].records)
