@@ -17,22 +17,30 @@ of d_z random logits (the structure of a classification loss; PSD and singular).
                    (16-bit codes over a 50 Gb/s link, rows programmed at 1 ns, t x tau of analog time, tau = 1 us)
 
 The digital solvers are measured (median of --repeats runs after one warm-up); TNGD steps are timed after a
-first step that initialises the device state.  Targets: emulated TNGD within 2x of NGD-Woodbury at every N,
-and the estimated TNGD time linear in N (a straight-line fit is printed with its largest relative residual).
+first step that initialises the device state.  BLAS runs on one thread (OPENBLAS_NUM_THREADS,
+OMP_NUM_THREADS, MKL_NUM_THREADS set to 1 unless already set): with the default threads on a shared machine
+the Woodbury / device ratio swung from 2x to 10.8x between runs.  Targets: emulated TNGD within 2x of
+NGD-Woodbury at every N, and the estimated TNGD time linear in N (a straight-line fit is printed with its
+largest relative residual).
 """
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import sys
-import time
+import os
 
-import numpy as np
+for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")  # before numpy loads its BLAS: one thread, so ratios are stable
 
-import driver
-from driver import ngd
-from driver.tngd import TNGD
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import driver  # noqa: E402
+from driver import ngd  # noqa: E402
+from driver.tngd import TNGD  # noqa: E402
 
 DAMPING = 1e-3
 
