@@ -1,0 +1,72 @@
+"""The TNGD paper scripts (examples/paper/): each ``--quick`` run exits 0 and writes its CSV, with the
+documented columns, and its PNG."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+PAPER = Path(__file__).resolve().parent.parent / "examples" / "paper"
+COMMON = [
+    "method",
+    "seed",
+    "iteration",
+    "batch_loss",
+    "train_loss",
+    "test_loss",
+    "test_accuracy",
+    "wall_time_s",
+    "hardware_time_s",
+    "runtime_s",
+]
+
+# script -> (its CSV's columns, the methods its quick run must have rows for)
+SCRIPTS = {
+    "fig3_cnn": (COMMON, {"Adam lr=1e-3", "NGD", "TNGD t=1", "TNGD t=10"}),
+}
+
+
+def run_quick(name: str, out: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.run(
+        [sys.executable, str(PAPER / f"{name}.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_quick_run_writes_csv_and_png(name: str, tmp_path: Path) -> None:
+    columns, methods = SCRIPTS[name]
+    result = run_quick(name, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / f"{name}.csv", newline="") as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == columns
+        rows = list(reader)
+    assert {row["method"] for row in rows} >= methods
+    seeds = {(row["method"], row["seed"]) for row in rows}
+    for method in methods:
+        assert len({seed for m, seed in seeds if m == method}) >= 3, f"{method}: fewer than 3 seeds"
+    for row in rows:
+        assert float(row["train_loss"]) == pytest.approx(float(row["train_loss"]))  # a number, not NaN
+        assert float(row["wall_time_s"]) > 0.0
+        assert float(row["runtime_s"]) > 0.0
+    device_rows = [row for row in rows if row["method"].startswith("TNGD")]
+    assert device_rows and all(float(row["hardware_time_s"]) > 0.0 for row in device_rows)
+    png = tmp_path / f"{name}.png"
+    assert png.stat().st_size > 10_000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| method |" in result.stdout  # the results table
