@@ -17,6 +17,7 @@ from .device import CallRecord, Device, DeviceInfo, DeviceStatus, DeviceTime, Lo
 from .errors import (
     DeviceBusyError,
     DeviceClosedError,
+    DeviceInternalError,
     DeviceStateError,
     InvalidInputError,
     LinkError,
@@ -53,6 +54,7 @@ __all__ = [
     "DeviceStateError",
     "DeviceClosedError",
     "DeviceBusyError",
+    "DeviceInternalError",
     "SaturationError",
     "ProtocolError",
     "LinkError",

@@ -33,6 +33,7 @@ COMMON = [
 # script -> (its CSV's columns, the methods its quick run must have rows for)
 SCRIPTS = {
     "fig3_cnn": (COMMON, {"Adam lr=1e-3", "NGD", "TNGD t=1", "TNGD t=10"}),
+    "fig4_t_delay": (COMMON[:3] + ["t", "t_d"] + COMMON[3:], {"NGD", "TNGD t=1", "TNGD t=100", "TNGD t=1 t_d=5"}),
 }
 
 
