@@ -34,6 +34,10 @@ COMMON = [
 SCRIPTS = {
     "fig3_cnn": (COMMON, {"Adam lr=1e-3", "NGD", "TNGD t=1", "TNGD t=10"}),
     "fig4_t_delay": (COMMON[:3] + ["t", "t_d"] + COMMON[3:], {"NGD", "TNGD t=1", "TNGD t=100", "TNGD t=1 t_d=5"}),
+    "fig7_noise": (
+        COMMON[:3] + ["kappa0", "kappa_user"] + COMMON[3:],
+        {"NGD", "TNGD kappa0=1e-01", "TNGD kappa0=1e-03", "TNGD noiseless"},
+    ),
 }
 
 

@@ -131,7 +131,8 @@ class Optimiser:
 
     step: Callable[[torch.Tensor, torch.Tensor], tuple[float, StepTimes]]
     device: Any = None
-    records: list = field(default_factory=list)
+    records: list = field(default_factory=list)  # the driver's StepRecords, for device and NGD methods
+    columns: Callable[[], dict[str, Any]] | None = None  # extra columns for the row of the step just taken
 
     def close(self) -> None:
         if self.device is not None:
@@ -266,6 +267,8 @@ def train(
             test_loss, accuracy = metrics(model, data.x_test, data.y_test)
             row = dict(method=method, seed=seed, iteration=iteration)
             row.update(extra or {})
+            if optimiser.columns is not None:
+                row.update(optimiser.columns())
             row.update(
                 batch_loss=batch_loss,
                 train_loss=train_loss,
@@ -377,9 +380,10 @@ def mean_sd(values: np.ndarray) -> str:
     values = np.asarray(values, dtype=float)
     if values.size == 0:
         return "-"
+    spec = ".3f" if values.mean() == 0 or abs(values.mean()) >= 0.01 else ".2e"
     if values.size == 1:
-        return f"{values[0]:.3f}"
-    return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
+        return f"{values[0]:{spec}}"
+    return f"{values.mean():{spec}} ± {values.std(ddof=1):{spec}}"
 
 
 def summary_table(
