@@ -10,10 +10,10 @@ with driver.open("spu-8", seed=0) as dev:
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from . import linalg, ngd, tngd
-from .device import CallRecord, Device, DeviceInfo, DeviceStatus, DeviceTime, LoadReport, RunReport
 from .errors import (
     DeviceBusyError,
     DeviceClosedError,
@@ -27,10 +27,46 @@ from .errors import (
     SpecError,
     SpuError,
 )
-from .ggn import GGN
-from .sweeps import load_sweep, sweep
-from .tngd import TNGD
-from .transport import InProcessTransport
+
+if TYPE_CHECKING:
+    from . import linalg, ngd, tngd
+    from .device import CallRecord, Device, DeviceInfo, DeviceStatus, DeviceTime, LoadReport, RunReport
+    from .ggn import GGN
+    from .sweeps import load_sweep, sweep
+    from .tngd import TNGD
+    from .transport import InProcessTransport  # noqa: F401 - driver.InProcessTransport, as before
+
+# The rest loads on first use (PEP 562): importing a light submodule -- the pytest plugin
+# driver.pytest_plugin, which pytest imports at its start-up in every project where spu-emulator
+# is installed -- must not import numpy, scipy and numba (nor set BLAS threads before a conftest).
+_LAZY = {
+    **dict.fromkeys(
+        ["CallRecord", "Device", "DeviceInfo", "DeviceStatus", "DeviceTime", "LoadReport", "RunReport"], "device"
+    ),
+    "GGN": "ggn",
+    "load_sweep": "sweeps",
+    "sweep": "sweeps",
+    "TNGD": "tngd",
+    "InProcessTransport": "transport",
+}
+# submodules that `import driver` used to import, still reachable as attributes (driver.codes, ...)
+_SUBMODULES = {"codes", "device", "ggn", "linalg", "ngd", "protocol", "sampling", "sweeps", "tngd", "transport"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | _SUBMODULES)
+
 
 __all__ = [
     "open",
@@ -102,6 +138,9 @@ def open(  # noqa: A001 - the driver's verb
                 " start it with `spu serve PRESET --set KEY=VALUE`"
             )
         return open_tcp(spec, seed=seed, timeout=timeout, poll_s=poll_s)
+    from .device import Device
+    from .transport import InProcessTransport
+
     transport = InProcessTransport(spec, seed=seed, overrides=overrides)
     label = "a spec mapping" if isinstance(spec, dict) else str(spec)
     return Device(transport, label=f"device {label!r}")
