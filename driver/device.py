@@ -20,12 +20,14 @@ from .codes import Quantised, code_dtype, from_codes, to_codes
 from .errors import (
     DeviceBusyError,
     DeviceClosedError,
+    DeviceInternalError,
     DeviceStateError,
     InvalidInputError,
     ProtocolError,
     SaturationError,
 )
 from .ggn import GGN, natural_scale, program
+from .numbers import real
 from .protocol import Engine, OnSaturation, Opcode, Status, StatusBit
 from .transport import Transport
 
@@ -236,6 +238,8 @@ class Device:
             raise SaturationError(message, reply)
         if status == Status.BUSY:
             raise DeviceBusyError(message + "; wait for the other host to close it")
+        if status == Status.INTERNAL:
+            raise DeviceInternalError(message)
         raise ProtocolError(message)
 
     def _record(self, call: str, reply: dict[str, Any], started: float, discarded: bool = False) -> DeviceTime:
@@ -279,6 +283,16 @@ class Device:
         started = time.perf_counter()
         if isinstance(A, GGN):
             return self._load_ggn(A, scale, started)
+        A = self._checked_matrix(A, symmetric)
+        scale = _choose_scale(float(np.abs(A).max()) / self.info.g_max, scale, "matrix A")
+        q = to_codes(A / scale, self.info.element_bits, self.info.g_max)
+        reply = self._call(Opcode.LOAD_MATRIX, {"codes": q.codes})
+        self._matrix_scale = scale
+        return _report(scale, q, self._record("load_matrix", reply, started))
+
+    def _checked_matrix(self, A: Any, symmetric: bool = True) -> np.ndarray:
+        """A dense matrix as load_matrix takes it (float64 (n, n), n <= the dense array), or InvalidInputError.
+        No device call: composite calls check every argument before their first load."""
         try:
             shape = np.shape(A)
         except ValueError:  # a ragged list: _as_float_array says so
@@ -290,20 +304,38 @@ class Device:
         if A.shape != (n, n) or n == 0:
             raise InvalidInputError(f"matrix A must be square and non-empty, got shape {A.shape}")
         self._check_dense(n)
-        biggest = float(np.abs(A).max())
         if symmetric:
             asym = np.abs(A - A.T)
             where = np.unravel_index(int(np.argmax(asym)), asym.shape)
-            if asym[where] > SYMMETRY_RTOL * biggest:
+            if asym[where] > SYMMETRY_RTOL * float(np.abs(A).max()):
                 raise InvalidInputError(
                     f"matrix A must be symmetric: max |A - A.T| = {asym[where]:.3g} at {tuple(map(int, where))};"
                     " symmetrise it, or pass symmetric=False to load a non-symmetric drift"
                 )
-        scale = _choose_scale(biggest / self.info.g_max, scale, "matrix A")
-        q = to_codes(A / scale, self.info.element_bits, self.info.g_max)
-        reply = self._call(Opcode.LOAD_MATRIX, {"codes": q.codes})
-        self._matrix_scale = scale
-        return _report(scale, q, self._record("load_matrix", reply, started))
+        return A
+
+    def _checked_vector(self, b: Any, n: int | None = None) -> np.ndarray:
+        """A vector as load_vector takes it (float64 (n,), n <= cells; of length ``n`` when given)."""
+        b = _as_float_array(b, "vector b", 1)
+        if b.shape[0] == 0:
+            raise InvalidInputError("vector b must be non-empty")
+        self._check_fits(b.shape[0], "vector b")
+        if n is not None and b.shape[0] != n:
+            raise InvalidInputError(f"vector b has {b.shape[0]} entries but the matrix is {n} x {n}; they must match")
+        return b
+
+    def _checked_run(self, t: Any, burn_in: Any) -> tuple[float, float]:
+        """(t, burn_in) as run() takes them, in tau, or InvalidInputError.  No device call."""
+        t = _as_time(t, "t")
+        burn_in = _as_time(burn_in, "burn_in")
+        if not 0.0 < t <= self.info.max_run_time:
+            raise InvalidInputError(
+                f"t = {t!r} tau is outside (0, {self.info.max_run_time:g}], the run time this device allows"
+                + ("; split a longer run into several" if t > 0 else "; pass a positive time")
+            )
+        if not 0.0 <= burn_in < t:
+            raise InvalidInputError(f"burn_in = {burn_in!r} must be in [0, t) with t = {t:g}")
+        return t, burn_in
 
     def _load_ggn(self, ggn: GGN, scale: float | None, started: float) -> LoadReport:
         m, n = ggn.m, ggn.n
@@ -357,12 +389,10 @@ class Device:
         """
         self._check_open()
         started = time.perf_counter()
-        b = _as_float_array(b, "vector b", 1)
-        if b.shape[0] == 0:
-            raise InvalidInputError("vector b must be non-empty")
-        self._check_fits(b.shape[0], "vector b")
+        b = self._checked_vector(b)
         scale = _choose_scale(float(np.abs(b).max()) / self.info.dac_range_v, scale, "vector b")
-        q = to_codes(b / scale, self.info.dac_bits, self.info.dac_range_v)
+        with np.errstate(over="ignore"):  # a tiny scale sends b beyond the DAC: clipped and counted below
+            q = to_codes(b / scale, self.info.dac_bits, self.info.dac_range_v)
         reply = self._call(Opcode.LOAD_VECTOR, {"codes": q.codes})
         self._vector_scale = scale
         return _report(scale, q, self._record("load_vector", reply, started))
@@ -412,15 +442,7 @@ class Device:
         """
         self._check_open()
         record = _recording(record_cov, record_samples, sample_stride)
-        t = _as_time(t, "t")
-        burn_in = _as_time(burn_in, "burn_in")
-        if not 0.0 < t <= self.info.max_run_time:
-            raise InvalidInputError(
-                f"t = {t!r} tau is outside (0, {self.info.max_run_time:g}], the run time this device allows"
-                + ("; split a longer run into several" if t > 0 else "; pass a positive time")
-            )
-        if not 0.0 <= burn_in < t:
-            raise InvalidInputError(f"burn_in = {burn_in!r} must be in [0, t) with t = {t:g}")
+        t, burn_in = self._checked_run(t, burn_in)
         engine_code = _option(engine, Engine, "engine")
         saturation_code = _option(on_saturation, OnSaturation, "on_saturation")
         if self._matrix_scale is None or self._vector_scale is None:
@@ -522,9 +544,7 @@ class Device:
         InvalidInputError on a device whose noise source is fixed (kappa0_max = 0).
         """
         self._check_open()
-        if isinstance(kappa0, bool) or not isinstance(kappa0, (int, float, np.integer, np.floating)):
-            raise InvalidInputError(f"kappa0 must be a number of volts^2, got {kappa0!r}")
-        kappa0 = float(kappa0)
+        kappa0 = real(kappa0, "kappa0", "a number of volts^2")
         if self.info.kappa0_max <= 0.0:
             raise InvalidInputError(
                 f"the noise source of {self.info.name} is fixed at kappa0 = {self.info.kappa0:g} V^2"
@@ -623,9 +643,7 @@ def _as_float_array(value: Any, what: str, ndim: int) -> np.ndarray:
 
 
 def _as_time(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise InvalidInputError(f"{what} must be a number of tau, got {value!r}")
-    value = float(value)
+    value = real(value, what, "a number of tau")
     if not np.isfinite(value):
         raise InvalidInputError(f"{what} must be finite, got {value!r}")
     return value
@@ -634,9 +652,7 @@ def _as_time(value: Any, what: str) -> float:
 def _choose_scale(natural: float, scale: float | None, what: str) -> float:
     if scale is None:
         return natural if natural > 0.0 else 1.0
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
-        raise InvalidInputError(f"scale of {what} must be a positive number, got {scale!r}")
-    scale = float(scale)
+    scale = real(scale, f"scale of {what}", "a positive number")
     if not (scale > 0.0 and np.isfinite(scale)):
         raise InvalidInputError(f"scale of {what} must be a positive finite number, got {scale!r}")
     return scale

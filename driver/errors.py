@@ -7,6 +7,7 @@
     |   +-- DeviceClosedError: any call after close()
     +-- DeviceBusyError: another host holds the device
     +-- SaturationError (also RuntimeError): the array hit a rail or ran away
+    +-- DeviceInternalError (also RuntimeError): the device failed inside a command
     +-- ProtocolError: the device answered something the driver cannot read
     +-- LinkError (also ConnectionError): a tcp:// link could not be made or dropped
         +-- LinkTimeoutError (also TimeoutError): no reply within the timeout
@@ -28,6 +29,7 @@ __all__ = [
     "DeviceClosedError",
     "DeviceBusyError",
     "SaturationError",
+    "DeviceInternalError",
     "ProtocolError",
     "LinkError",
     "LinkTimeoutError",
@@ -67,6 +69,10 @@ class SaturationError(SpuError, RuntimeError):
     def __init__(self, message: str, report: dict[str, Any] | None = None):
         super().__init__(message)
         self.report = report or {}
+
+
+class DeviceInternalError(SpuError, RuntimeError):
+    """The device failed inside a command (status INTERNAL); the command was discarded and its state kept."""
 
 
 class ProtocolError(SpuError):

@@ -28,6 +28,7 @@ from numba import njit
 
 from .codes import Quantised, code_dtype, code_max, to_codes
 from .errors import InvalidInputError
+from .numbers import real
 
 __all__ = ["GGN", "ProgrammedCodes", "program", "natural_scale"]
 
@@ -91,9 +92,7 @@ class GGN:
                     f" {highest:.3g}); a loss Hessian such as diag(p) - p p^T is, so check how H was formed"
                 )
         damping = self.damping
-        if isinstance(damping, bool) or not isinstance(damping, (int, float, np.integer, np.floating)):
-            raise InvalidInputError(f"GGN damping must be a positive number, got {damping!r}")
-        damping = float(damping)
+        damping = real(damping, "GGN damping", "a positive number")
         if not (math.isfinite(damping) and damping > 0.0):
             raise InvalidInputError(
                 f"GGN damping must be a finite number > 0, got {damping!r}: F = J^T H J + damping I needs"

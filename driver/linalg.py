@@ -41,9 +41,15 @@ def solve(
     once so the answer fills about 70 % of the ADC range.  ``return_report``
     also returns the RunReport of the run whose mean is returned.  Raises
     SaturationError when no input level runs cleanly (A not positive definite).
+
+    Every argument is checked before the first device call (InvalidInputError, nothing
+    loaded); a call that fails after that leaves A and b loaded, as its message says.
     """
-    if burn_in is None:
-        burn_in = 0.5 * t
+    # every argument is checked before the first device call, so a refused call changes nothing
+    t = dev._checked_run(t, 0.0)[0]
+    t, burn_in = dev._checked_run(t, 0.5 * t if burn_in is None else burn_in)
+    A = dev._checked_matrix(A)
+    b = dev._checked_vector(b, A.shape[0])
     matrix_scale = dev.load_matrix(A).scale
     natural = dev.load_vector(b).scale
     fraction = 1.0
@@ -70,6 +76,7 @@ def solve(
     if best is None:
         raise SaturationError(
             f"the array saturated at every input level down to {fraction:.2g} of full scale;"
-            " A is probably not positive definite (check its eigenvalues)"
+            " A is probably not positive definite (check its eigenvalues).  The device now holds A and b"
+            f" (b at {fraction:.2g} of the DAC's full scale) and the state of the last, discarded run"
         )
     return best if return_report else best[0]

@@ -24,6 +24,7 @@ import numpy as np
 import scipy.linalg
 
 from .errors import InvalidInputError
+from .numbers import real
 
 __all__ = ["Curvature", "curvature", "solve_exact", "solve_cg", "solve_woodbury", "solve"]
 
@@ -285,9 +286,7 @@ def _check_symmetric(X: np.ndarray, what: str) -> None:
 
 
 def _positive(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise InvalidInputError(f"{what} must be a positive number, got {value!r}")
-    value = float(value)
+    value = real(value, what, "a positive number")
     if not (np.isfinite(value) and value > 0.0):
         raise InvalidInputError(f"{what} must be positive and finite, got {value!r}")
     return value

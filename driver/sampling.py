@@ -265,7 +265,7 @@ def sample_gaussian(
     precision = 0.5 * (precision + precision.T)
     b = precision @ mean
 
-    matrix_scale = dev.load_matrix(precision).scale
+    matrix_scale = dev.matrix_scale(precision)
     stiffness = np.linalg.eigvalsh(precision) / matrix_scale
     sd = np.sqrt(np.diag(cov))
     limit = _FILL * _limit_v(dev)
@@ -286,6 +286,12 @@ def sample_gaussian(
     period = 1.0 / dev.info.sample_rate
     spacing = stride * period
     burn_conversions = 4 * stride
+    if int((dev.info.max_run_time / period - burn_conversions - 1.0) // stride) < 1:  # the first run is the longest
+        raise InvalidInputError(
+            f"one sample needs {(burn_conversions + stride) * period:g} tau, more than the device's max_run_time"
+            f" {dev.info.max_run_time:g}; raise max_correlation or condition cov better"
+        )
+    dev.load_matrix(precision, scale=matrix_scale)
     previous = dev.noise_level
     runs: list[RunReport] = []
     chunks: list[np.ndarray] = []
@@ -298,11 +304,6 @@ def sample_gaussian(
         while left:
             head = burn_conversions if first else 0
             room = int((dev.info.max_run_time / period - head - 1.0) // stride)
-            if room < 1:
-                raise InvalidInputError(
-                    f"one sample needs {(head + stride) * period:g} tau, more than the device's max_run_time"
-                    f" {dev.info.max_run_time:g}; raise max_correlation or condition cov better"
-                )
             k = min(left, room)
             t = (head + k * stride + 0.5) * period
             report = dev.run(t, head * period, on_saturation="flag", record_samples=k, sample_stride=stride)
@@ -357,19 +358,19 @@ def inv(
     level runs cleanly (A not positive definite).  Cost O(n^2) per step of the transient
     engine over the analog time 1.125 t (recording runs step).
     """
-    if burn_in is None:
-        burn_in = 0.1 * t
-    A = _as_array(A, "matrix A", 2)
-    if A.ndim != 2 or A.shape[0] != A.shape[1] or A.shape[0] == 0:
-        raise InvalidInputError(f"matrix A must be square and non-empty, got shape {A.shape}")
+    # every argument is checked before the first device call, so a refused call changes nothing
+    t = dev._checked_run(t, 0.0)[0]
+    t, burn_in = dev._checked_run(t, 0.1 * t if burn_in is None else burn_in)
+    A = dev._checked_matrix(A)
     n = A.shape[0]
     _check_fits(dev, n, "matrix A")
-    matrix_scale = dev.load_matrix(A).scale
+    matrix_scale = dev.matrix_scale(A)
     limit = _FILL * _limit_v(dev)
     programmable = dev.info.kappa0_max > 0.0
     # first guess: the spread if A^-1 had diagonal 1 / A_ii (a lower bound of (A^-1)_ii)
     guess = float(np.max(1.0 / np.clip(np.diag(A), 1e-300, None)))
     kappa, readout = _noise_for(dev, matrix_scale, _Z * math.sqrt(guess) / limit, "the cells")
+    dev.load_matrix(A, scale=matrix_scale)
     previous = dev.noise_level
     zeros = np.zeros(n)
     try:

@@ -85,6 +85,7 @@ from . import ngd
 from .device import Device, LoadReport, RunReport
 from .errors import InvalidInputError, SaturationError
 from .ggn import GGN
+from .numbers import real
 
 __all__ = ["TNGD", "StepRecord"]
 
@@ -620,9 +621,7 @@ def _choice(value: Any, allowed: tuple[str, ...], what: str) -> str:
 
 
 def _number(value: Any, what: str, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise InvalidInputError(f"{what} must be a number, got {value!r}")
-    value = float(value)
+    value = real(value, what)
     if not math.isfinite(value) or value < 0.0 or (positive and value == 0.0):
         bound = "positive" if positive else "non-negative"
         raise InvalidInputError(f"{what} must be {bound} and finite, got {value!r}")

@@ -203,7 +203,7 @@ def prepare(drift: np.ndarray, noise_sd: np.ndarray) -> LinearModel:
         stationary_var=var,
         rate_max=float(np.abs(eigenvalues).max()),
         contraction_rate=contraction_rate,
-        lu=scipy.linalg.lu_factor(drift),
+        lu=scipy.linalg.lu_factor(drift) if stable else None,  # singular when unstable: no fixed point
         stationary_cov=sigma,
         eigenvalues=eigenvalues if well_conditioned else None,
         eigenvectors=vectors if well_conditioned else None,
@@ -305,7 +305,8 @@ def propagate(
     m0, m1 = window(t, burn_in, period)
     count = m1 - m0
     head = m0 * period
-    tail = t - m1 * period if count else t - head
+    # the window counts a sample up to 1e-9 periods past t (rounding of t / period): never a negative hop
+    tail = max(0.0, t - m1 * period if count else t - head)
     if model.form == "modal":
         total, final = _propagate_modal(model, state - fixed_point, head, count, period, tail, rng)
     elif model.form == "lowrank":

@@ -492,6 +492,13 @@ class Firmware:
             report, state, acc, samples = self._run_transient(t, burn_in, on_saturation, record)
         else:
             report, state, acc, samples = self._run_exact(t, burn_in)
+        if not (np.all(np.isfinite(state)) and np.all(np.isfinite(acc))):
+            # never keep a state no later read could use; the run is discarded, the state as before it
+            raise _Refused(
+                Status.INTERNAL,
+                f"the run of t = {t!r} tau (burn_in {burn_in!r}) produced a non-finite state, so it was discarded"
+                " and the device keeps the state it had; please report this with the spec, seed and calls",
+            )
         self._store_state(state)
         self._acc = acc
         self._cov_acc = record.cov_acc if record.cov_acc.size else None
@@ -934,6 +941,8 @@ def _number(payload: Mapping[str, Any], key: str, default: float | None = None) 
 def _choice(payload: Mapping[str, Any], key: str, enum: type, default: int) -> int:
     value = payload.get(key, default)
     try:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(value)  # 1.0 and True would pass as members of an IntEnum
         return enum(value)
     except ValueError:
         allowed = ", ".join(f"{m.value} ({m.name})" for m in enum)

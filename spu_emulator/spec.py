@@ -35,7 +35,19 @@ __all__ = [
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-9`` and ``1.0e12`` as floats (YAML 1.2 style)."""
+    """SafeLoader that also reads ``1e-9`` and ``1.0e12`` as floats (YAML 1.2 style), and refuses a key
+    given twice in one mapping (plain YAML keeps the last silently, so a typo'd spec would load)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"the key {key!r} appears twice", key_node.start_mark
+                )
+            seen[key] = True
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -212,14 +224,19 @@ def load_spec(spec: str | Path | dict[str, Any] | DeviceSpec, overrides: dict[st
             data = read_yaml(text)
         except yaml.YAMLError as exc:
             raise SpecError(f"{source}: not valid YAML: {exc}") from None
+        except RecursionError:
+            raise SpecError(f"{source}: nested too deeply to read (a spec is at most a few levels deep)") from None
     else:
         raise SpecError(f"a spec is a preset name, a YAML path, a mapping or a DeviceSpec, got {type(spec).__name__}")
-    if overrides:
-        data = apply_overrides(data, overrides, source)
-        source = f"{source} with " + ", ".join(f"{key}={value!r}" for key, value in overrides.items())
-    elif isinstance(spec, DeviceSpec):
-        return spec
-    return spec_from_mapping(data, source=source)
+    try:
+        if overrides:
+            data = apply_overrides(data, overrides, source)
+            source = f"{source} with " + ", ".join(f"{key}={value!r}" for key, value in overrides.items())
+        elif isinstance(spec, DeviceSpec):
+            return spec
+        return spec_from_mapping(data, source=source)
+    except RecursionError:
+        raise SpecError(f"{source}: nested too deeply to read (a spec is at most a few levels deep)") from None
 
 
 def field_paths() -> dict[str, dict[str, Any]]:
@@ -332,6 +349,12 @@ def spec_from_mapping(data: Any, source: str = "<mapping>") -> DeviceSpec:
             f" ({current}); upgrade spu-emulator or write the spec for version {current}"
         )
     values = _check_object(data, sch, source, "")
+    noise = values["noise"]
+    if noise["kappa0_max"] > 0.0 and noise["kappa0"] > noise["kappa0_max"]:
+        raise SpecError(
+            f"{source}: field noise.kappa0 = {noise['kappa0']!r} is above noise.kappa0_max = {noise['kappa0_max']!r},"
+            " the full scale of the noise source; raise kappa0_max or lower kappa0"
+        )
     sections = {key: cls(**values[key]) for key, cls in _SECTIONS.items()}
     top = {k: v for k, v in values.items() if k not in _SECTIONS}
     return DeviceSpec(**top, **sections, source=source)
