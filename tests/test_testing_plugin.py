@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import hypothesis  # noqa: F401 - loaded before the in-process runs, which unload what they import
 import numpy as np
@@ -23,8 +24,20 @@ from driver.pytest_plugin import SpuCase, _timeline_text
 
 pytest_plugins = ["pytester"]
 
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "test_my_solver.py"
+
 # the inner runs: no cache directory, no plugins of this session's conftest
 _ARGS = ("-p", "no:cacheprovider", "-q", "--strict-markers")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _warm_emulator():
+    """Run both cell kinds once before the in-process runs: pytester unloads the modules a run imports,
+    and numba's typing modules cannot be imported twice in one process."""
+    A = np.array([[2.0, 0.5], [0.5, 1.0]])
+    for preset in ("spu-8", "spu-8-lc"):
+        with driver.open(preset, seed=0) as dev:
+            driver.linalg.solve(dev, A, np.ones(2), t=60.0)
 
 
 def _run(pytester: pytest.Pytester, source: str, *args: str) -> pytest.RunResult:
@@ -293,6 +306,22 @@ def test_start_up_imports_no_numpy_and_the_marker_is_registered(pytester):
     result.assert_outcomes(passed=2)
     result = pytester.runpytest(*_ARGS, "--markers")
     result.stdout.fnmatch_lines(["@pytest.mark.spu(presets=*"])
+
+
+def test_the_example_runs_its_three_tests_and_finds_the_adc_width(pytester):
+    """examples/test_my_solver.py as a user runs it: 9 + 2 device cases and the hypothesis search,
+    which prints the shrunk counterexample; then tightened from the command line, where the absolute
+    tolerance fails on some devices and the relative property holds."""
+    result = pytester.runpytest_subprocess(*_ARGS, str(EXAMPLE), "-rA")
+    result.assert_outcomes(passed=12)
+    result.stdout.fnmatch_lines(["shrunk counterexample: SpecVariant('spu-8', overrides={'adc.bits': 3})*"])
+    assert "test_my_solver.py::test_refined_solve_meets_its_tolerance[spu-8-lc-seed2]" in result.stdout.str()
+    tight = ("--spu-set", "coupling.mismatch=0.05", "--spu-set", "adc.bits=8", "-k", "not adc_width")
+    result = pytester.runpytest(*_ARGS, str(EXAMPLE), *tight)
+    outcomes = result.parseoutcomes()
+    assert outcomes["passed"] + outcomes["failed"] == 11 and outcomes["failed"] >= 1
+    assert "test_refinement_gains_a_factor_of_ten" not in "".join(line for line in result.outlines if "FAILED" in line)
+    result.stdout.fnmatch_lines(["overrides: coupling.mismatch=0.05 (--spu-set), adc.bits=8 (--spu-set)"])
 
 
 def test_long_timelines_are_cut_in_the_middle():
