@@ -11,6 +11,8 @@ with driver.open("spu-8", seed=0) as dev:
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _installed_version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +29,11 @@ from .errors import (
     SpecError,
     SpuError,
 )
+
+try:  # from the installed distribution's metadata (no numpy import)
+    __version__: str = _installed_version("spu-emulator")
+except PackageNotFoundError:  # a source tree on sys.path, never installed
+    __version__ = "0+unknown"
 
 if TYPE_CHECKING:
     from . import linalg, ngd, tngd
