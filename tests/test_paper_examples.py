@@ -1,5 +1,8 @@
 """The TNGD paper scripts (examples/paper/): each ``--quick`` run exits 0 and writes its CSV, with the
-documented columns, and its PNG."""
+documented columns, and its PNG.
+
+The four quick runs together take 2 to 4 minutes on 2 cores, so they are marked slow (``pytest -m slow``);
+the default suite runs fig3_cnn.py for 2 iterations instead (about 15 s), which exercises the shared helper."""
 
 from __future__ import annotations
 
@@ -38,13 +41,17 @@ SCRIPTS = {
         COMMON[:3] + ["kappa0", "kappa_user"] + COMMON[3:],
         {"NGD", "TNGD kappa0=1e-01", "TNGD kappa0=1e-03", "TNGD noiseless"},
     ),
+    "fig5_finetune": (
+        COMMON[:3] + ["t"] + COMMON[3:],
+        {"Adam", "TNGD t=10", "TNGD-Adam t=0.1", "TNGD-Adam t=1", "TNGD-Adam t=10"},
+    ),
 }
 
 
-def run_quick(name: str, out: Path) -> subprocess.CompletedProcess:
+def run_quick(name: str, out: Path, *more: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     return subprocess.run(
-        [sys.executable, str(PAPER / f"{name}.py"), "--quick", "--out", str(out)],
+        [sys.executable, str(PAPER / f"{name}.py"), "--quick", "--out", str(out), *more],
         capture_output=True,
         text=True,
         timeout=300,
@@ -52,10 +59,19 @@ def run_quick(name: str, out: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_quick_run_writes_csv_and_png(name: str, tmp_path: Path) -> None:
+    check_run(name, tmp_path)
+
+
+def test_fig3_two_iterations(tmp_path: Path) -> None:
+    check_run("fig3_cnn", tmp_path, "--iters", "2")
+
+
+def check_run(name: str, tmp_path: Path, *more: str) -> None:
     columns, methods = SCRIPTS[name]
-    result = run_quick(name, tmp_path)
+    result = run_quick(name, tmp_path, *more)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / f"{name}.csv", newline="") as handle:
         reader = csv.DictReader(handle)
