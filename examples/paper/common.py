@@ -257,7 +257,7 @@ def train(
             try:
                 batch_loss, times = optimiser.step(data.x_train[index], data.y_train[index])
             except (driver.SpuError, ValueError) as error:
-                progress.write(f"{method} seed {seed}: stopped at iteration {iteration}: {error}")
+                progress.write(f"{method} seed {seed}: stopped at iteration {iteration}: {error}", file=sys.stderr)
                 progress.update(iters - iteration + 1)
                 break
             wall += times.wall_s
@@ -281,7 +281,8 @@ def train(
             rows.append(row)
             progress.update(1)
             if not math.isfinite(train_loss):
-                progress.write(f"{method} seed {seed}: the training loss is not finite at iteration {iteration}")
+                message = f"{method} seed {seed}: the training loss is not finite at iteration {iteration}"
+                progress.write(message, file=sys.stderr)
                 progress.update(iters - iteration)
                 break
     finally:
@@ -337,7 +338,7 @@ def run_all(
                 )
             except KeyboardInterrupt:
                 interrupted = True
-                progress.write("interrupted: keeping the runs that finished")
+                progress.write("interrupted: keeping the runs that finished", file=sys.stderr)
                 break
             if csv_path is not None:
                 write_csv(rows, csv_path, columns)
@@ -412,11 +413,25 @@ def summary_table(
     return "\n".join(lines)
 
 
+def time_to(rows: Sequence[dict[str, Any]], y: str, target: float, x: str = "runtime_s") -> str:
+    """A markdown table: per method, the first ``x`` (a time) at which ``y`` falls to ``target`` or below,
+    mean ± sd over the seeds that reach it ("n of m seeds" when not all do)."""
+    lines = [f"| method | {x} to {y} <= {target:g} |", "|---|---|"]
+    for method in methods_of(rows):
+        values, xs = curves(rows, method, y), curves(rows, method, x)
+        hits = [float(xs[i, np.argmax(values[i] <= target)]) for i in range(len(values)) if (values[i] <= target).any()]
+        cell = _seconds(np.array(hits)) if hits else "not reached"
+        if hits and len(hits) < len(values):
+            cell += f" ({len(hits)} of {len(values)} seeds)"
+        lines.append(f"| {method} | {cell} |")
+    return "\n".join(lines)
+
+
 def _seconds(values: np.ndarray) -> str:
     """mean ± sd of times, in ms or us as fits."""
     mean, sd = float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    scale, unit = (1e3, "ms") if mean >= 1e-3 else (1e6, "us")
-    return f"{mean * scale:.3g} ± {sd * scale:.2g} {unit}"
+    scale, unit = (1, "s") if mean >= 1 else (1e3, "ms") if mean >= 1e-3 else (1e6, "us")
+    return f"{mean * scale:.3g} ± {sd * scale:.2g} {unit}".replace("e+0", "e")
 
 
 def pyplot():
@@ -453,12 +468,16 @@ def plot_band(
 
 def log_y(ax: Any) -> None:
     """A log y axis with plain tick labels (0.1, 0.5, 2) rather than powers of ten."""
-    from matplotlib.ticker import FormatStrFormatter
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
-    ax.tick_params(axis="y", which="minor", labelsize=7)
+    low, high = ax.get_ylim()
+    if high < 10 * low:  # within a decade: label the minor ticks too, or there may be none
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.tick_params(axis="y", which="minor", labelsize=7)
+    else:
+        ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def one_legend(fig: Any, ax: Any, ncol: int = 5, title: str | None = None) -> int:
@@ -486,7 +505,30 @@ def parser(doc: str, default_out: str) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a smoke run (< 60 s on 2 cores): few iterations")
     p.add_argument("--out", default=default_out, help=f"output folder for the CSV and PNG (default {default_out})")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; --quick: 0 1 2)")
+    p.add_argument("--replot", action="store_true", help="run nothing: redraw the PNG and table from OUT's CSV")
     return p
+
+
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    """A CSV written by :func:`write_csv`, numbers as floats (seed and iteration as ints)."""
+    rows = []
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            for key, value in row.items():
+                if key in ("seed", "iteration"):
+                    row[key] = int(value)
+                elif key != "method":
+                    row[key] = float(value)
+            rows.append(row)
+    return rows
+
+
+def execute(args: argparse.Namespace, name: str, runs: Sequence[Run], data: Callable[[], Data], **kwargs: Any):
+    """run_all into OUT/NAME.csv, or with --replot read that CSV back; returns (rows, interrupted)."""
+    path = Path(args.out) / f"{name}.csv"
+    if args.replot:
+        return read_csv(path), False
+    return run_all(runs, data(), csv_path=path, **kwargs)
 
 
 def finish(rows: list[dict[str, Any]], interrupted: bool, out: Path, name: str, columns: Sequence[str]) -> int:

@@ -116,13 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     ts = args.t or ([1.0, 100.0] if args.quick else [0.1, 1.0, 10.0, 100.0])
     delays = args.delay or ([0.0, 5.0] if args.quick else [0.0, 1.0, 5.0, 20.0])
     out = Path(args.out)
-    rows, interrupted = common.run_all(
-        runs(seeds, ts, args.delay_t, delays),
-        common.digits(),
-        batch=BATCH,
-        iters=iters,
-        csv_path=out / f"{NAME}.csv",
-        columns=COLUMNS,
+    rows, interrupted = common.execute(
+        args, NAME, runs(seeds, ts, args.delay_t, delays), common.digits, batch=BATCH, iters=iters, columns=COLUMNS
     )
     if rows:
         at = [i for i in (10, 50) if i < iters]

@@ -251,16 +251,19 @@ def main(argv: list[str] | None = None) -> int:
     seeds = args.seeds or [0, 1, 2]
     out = Path(args.out)
     steps = args.pretrain_steps or (100 if args.quick else 300)
-    base, accuracy = pretrain(steps)
-    data = finetune_data(args.quick)
-    n = common.n_parameters(adapted(base, 0))
-    print(f"pre-trained on task A: {steps} Adam steps, held-out accuracy {accuracy:.3f}; fine-tuning N = {n}")
-    rows, interrupted = common.run_all(
-        runs(base, seeds, args.t),
-        data,
+    n = common.n_parameters(adapted(Transformer(VOCAB), 0))
+    plan: list[common.Run] = []
+    if not args.replot:
+        base, accuracy = pretrain(steps)
+        print(f"pre-trained on task A: {steps} Adam steps, held-out accuracy {accuracy:.3f}; fine-tuning N = {n}")
+        plan = runs(base, seeds, args.t)
+    rows, interrupted = common.execute(
+        args,
+        NAME,
+        plan,
+        lambda: finetune_data(args.quick),
         batch=BATCH,
         iters=iters,
-        csv_path=out / f"{NAME}.csv",
         columns=COLUMNS,
         metrics=subset_metrics,
     )

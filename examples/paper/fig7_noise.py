@@ -119,13 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     seeds = args.seeds or [0, 1, 2]
     levels = args.kappa0 or ([1e-1, 1e-3, 0.0] if args.quick else [1e-1, 1e-2, 1e-3, 1e-4, 0.0])
     out = Path(args.out)
-    rows, interrupted = common.run_all(
-        runs(seeds, levels, args.t),
-        common.digits(),
-        batch=BATCH,
-        iters=iters,
-        csv_path=out / f"{NAME}.csv",
-        columns=COLUMNS,
+    rows, interrupted = common.execute(
+        args, NAME, runs(seeds, levels, args.t), common.digits, batch=BATCH, iters=iters, columns=COLUMNS
     )
     if rows:
         at = [i for i in (10, 50) if i < iters]
