@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from . import linalg, ngd, tngd
     from .device import CallRecord, Device, DeviceInfo, DeviceStatus, DeviceTime, LoadReport, RunReport
     from .ggn import GGN
+    from .ranging import SettlingWarning
     from .sweeps import load_sweep, sweep
     from .tngd import TNGD
     from .transport import InProcessTransport  # noqa: F401 - driver.InProcessTransport, as before
@@ -54,10 +55,23 @@ _LAZY = {
     "load_sweep": "sweeps",
     "sweep": "sweeps",
     "TNGD": "tngd",
+    "SettlingWarning": "ranging",
     "InProcessTransport": "transport",
 }
 # submodules that `import driver` used to import, still reachable as attributes (driver.codes, ...)
-_SUBMODULES = {"codes", "device", "ggn", "linalg", "ngd", "protocol", "sampling", "sweeps", "tngd", "transport"}
+_SUBMODULES = {
+    "codes",
+    "device",
+    "ggn",
+    "linalg",
+    "ngd",
+    "protocol",
+    "ranging",
+    "sampling",
+    "sweeps",
+    "tngd",
+    "transport",
+}
 
 
 def __getattr__(name: str):
@@ -99,6 +113,7 @@ __all__ = [
     "DeviceBusyError",
     "DeviceInternalError",
     "SaturationError",
+    "SettlingWarning",
     "ProtocolError",
     "LinkError",
     "LinkTimeoutError",

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from . import ranging
 from .codes import Quantised, code_dtype, from_codes, to_codes
 from .errors import (
     DeviceBusyError,
@@ -35,6 +36,7 @@ __all__ = ["Device", "DeviceInfo", "RunReport", "LoadReport", "DeviceStatus", "D
 
 # |A - A.T| up to this fraction of max |A| counts as symmetric (round-off of J^T H J and the like)
 SYMMETRY_RTOL = 1e-10
+_AUTO_FILL = 0.7  # load_vector(scale="auto") aims the bound of the equilibrium at this fraction of the limit
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,9 @@ class RunReport:
     adc_clipped: conversions clipped at the ADC's full scale; steps, dt: the
     integrator's step count and step (tau), 0 for the exact engine;
     wall_time_s: host time for the call; device_time: what the run takes on the hardware (its
-    analog_s is ``seconds``; see :class:`DeviceTime`).
+    analog_s is ``seconds``; see :class:`DeviceTime`); settling: e^{-r burn_in}, the estimated
+    fraction of the initial offset still in the state when sampling began, r = lambda_min(A) / s the
+    slowest rate of the loaded array (``driver.ranging``; NaN for a non-symmetric load).
     """
 
     analog_time: float
@@ -152,6 +156,7 @@ class RunReport:
     dt: float
     wall_time_s: float
     device_time: DeviceTime = DeviceTime()
+    settling: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -211,6 +216,9 @@ class Device:
         self._vector_scale: float | None = None
         self._readout_scale: float | None = None
         self._recorded: tuple[bool, int] | None = None  # (record_cov, record_samples) of the last run
+        self._loaded: np.ndarray | GGN | None = None  # the matrix of the last load, user units (for ranging)
+        self._lambda_min: float | None = None  # its smallest eigenvalue, estimated on first need
+        self._settling = (math.nan, 0.0, math.nan)  # (transient left, burn_in, rate) of the last run
         self._kappa0 = self.info.kappa0  # the injected noise level (set_noise), back to the spec's on reset
 
     # -- plumbing ----------------------------------------------------------------
@@ -233,8 +241,14 @@ class Device:
         if status == Status.BAD_STATE:
             raise DeviceStateError(message)
         if status == Status.SATURATED:
+            factor = reply.get("fit_factor")
+            if isinstance(factor, float) and factor > 1.0 and self._vector_scale is not None:
+                message += (
+                    f"; scale b down by {factor:.2g}x: load_vector(b, scale={self._vector_scale * factor:.3g}),"
+                    " or load_vector(b, scale='auto'), or let driver.linalg.solve(dev, A, b) range it"
+                )
             if reply.get("keepable"):
-                message += "; scale b down, or pass on_saturation='flag' to keep such a run"
+                message += "; or pass on_saturation='flag' to keep such a run"
             raise SaturationError(message, reply)
         if status == Status.BUSY:
             raise DeviceBusyError(message + "; wait for the other host to close it")
@@ -288,6 +302,7 @@ class Device:
         q = to_codes(A / scale, self.info.element_bits, self.info.g_max)
         reply = self._call(Opcode.LOAD_MATRIX, {"codes": q.codes})
         self._matrix_scale = scale
+        self._loaded, self._lambda_min = (A if symmetric else None), None
         return _report(scale, q, self._record("load_matrix", reply, started))
 
     def _checked_matrix(self, A: Any, symmetric: bool = True) -> np.ndarray:
@@ -360,6 +375,7 @@ class Device:
             {"j_codes": codes.j_codes, "h_codes": codes.h_codes, "damping_code": codes.damping_code},
         )
         self._matrix_scale = codes.scale
+        self._loaded, self._lambda_min = ggn, None
         spent = self._record("load_matrix", reply, started)
         parts = codes.quantised
         return LoadReport(
@@ -381,15 +397,23 @@ class Device:
         A = _as_float_array(A, "matrix A", 2)
         return _choose_scale(float(np.abs(A).max(initial=0.0)) / self.info.g_max, None, "matrix A")
 
-    def load_vector(self, b: Any, *, scale: float | None = None) -> LoadReport:
+    def load_vector(self, b: Any, *, scale: float | str | None = None) -> LoadReport:
         """Set the input DACs to u = b / scale (volts), b of shape (n,), n <= cells.
 
         By default scale = max|b| / dac_range_v, so the largest entry uses the
-        DAC's full range.  Cost O(n) plus the transfer of n codes.
+        DAC's full range (a run whose equilibrium then leaves the rails or the ADC range
+        raises SaturationError saying by how much to scale b down).  ``scale="auto"``
+        (after a symmetric load_matrix) picks the scale that keeps the equilibrium within
+        70 % of the smaller of the rails and the ADC range, from the bound
+        max|A^-1 b| <= |b|_2 / lambda_min(A) (``driver.ranging``; A^-1 b is never
+        computed), and never below the DAC's own limit.  Cost O(n) plus the transfer of n
+        codes; "auto" adds lambda_min once per load, O(n^3) up to n = 256, O(k n^2) above.
         """
         self._check_open()
         started = time.perf_counter()
         b = self._checked_vector(b)
+        if isinstance(scale, str) and scale == "auto":
+            scale = self._auto_input_scale(b)
         scale = _choose_scale(float(np.abs(b).max()) / self.info.dac_range_v, scale, "vector b")
         with np.errstate(over="ignore"):  # a tiny scale sends b beyond the DAC: clipped and counted below
             q = to_codes(b / scale, self.info.dac_bits, self.info.dac_range_v)
@@ -397,11 +421,42 @@ class Device:
         self._vector_scale = scale
         return _report(scale, q, self._record("load_vector", reply, started))
 
+    def _slowest_rate(self) -> float | None:
+        """The loaded array's slowest relaxation rate, lambda_min(A) / s per tau (ideal parts); None when unknown."""
+        if self._loaded is None or self._matrix_scale is None:
+            return None
+        if self._lambda_min is None:
+            self._lambda_min = ranging.smallest_eigenvalue(self._loaded)
+        stiffness = np.array([self._lambda_min / self._matrix_scale])
+        return ranging.slowest_rate(self.info.cell_kind, stiffness, self.info.spec)
+
+    def _auto_input_scale(self, b: np.ndarray) -> float:
+        if self._loaded is None:
+            raise DeviceStateError(
+                "load_vector(b, scale='auto') ranges b for the loaded matrix: call load_matrix(A) first"
+                " (a symmetric A, or a GGN)"
+            )
+        if self._slowest_rate() is None or self._lambda_min <= 0.0:
+            raise InvalidInputError(
+                f"the loaded matrix has smallest eigenvalue {self._lambda_min:.3g} <= 0: it is not positive"
+                " definite, so the array has no equilibrium to range b for"
+            )
+        limits = [self.info.rail_v] if self.info.rail_v is not None else []
+        if self.info.adc_bits > 0:
+            limits.append(self.info.adc_range_v)
+        dac = float(np.abs(b).max()) / self.info.dac_range_v
+        if not limits:
+            return dac if dac > 0.0 else 1.0
+        # V* = (s / scale) A^-1 b in volts; aim its bound at _AUTO_FILL of the smaller limit
+        bound = ranging.equilibrium_bound(b, self._lambda_min)
+        needed = self._matrix_scale * bound / (_AUTO_FILL * min(limits))
+        return max(needed, dac) if max(needed, dac) > 0.0 else 1.0
+
     # -- run and read-out --------------------------------------------------------
     def run(
         self,
         t: float,
-        burn_in: float = 0.0,
+        burn_in: float | None = None,
         *,
         engine: str = "auto",
         on_saturation: str = "raise",
@@ -409,7 +464,8 @@ class Device:
         record_samples: int = 0,
         sample_stride: int = 1,
     ) -> RunReport:
-        """Let the array evolve for analog time t (tau); accumulate ADC samples after burn_in.
+        """Let the array evolve for analog time t (tau); accumulate ADC samples after burn_in
+        (default t / 2, as in ``linalg.solve``).
 
         The array follows C dV/dt = -a V + gin u + noise from its present state
         (the state carries over between runs; oscillator cells, ``info.cell_kind ==
@@ -442,7 +498,8 @@ class Device:
         """
         self._check_open()
         record = _recording(record_cov, record_samples, sample_stride)
-        t, burn_in = self._checked_run(t, burn_in)
+        t = self._checked_run(t, 0.0)[0]
+        t, burn_in = self._checked_run(t, 0.5 * t if burn_in is None else burn_in)
         engine_code = _option(engine, Engine, "engine")
         saturation_code = _option(on_saturation, OnSaturation, "on_saturation")
         if self._matrix_scale is None or self._vector_scale is None:
@@ -459,6 +516,9 @@ class Device:
             raise
         spent = self._record("run", reply, started)
         wall = self.timeline[-1].wall_time_s
+        rate = self._slowest_rate()
+        left = ranging.settling(rate, burn_in)
+        self._settling = (left, burn_in, rate)
         self._readout_scale = self._vector_scale / self._matrix_scale
         self._recorded = (bool(record["record_cov"]), record["record_samples"])
         return RunReport(
@@ -472,10 +532,15 @@ class Device:
             dt=float(reply["dt"]),
             wall_time_s=wall,
             device_time=spent,
+            settling=left,
         )
 
     def read_mean(self) -> np.ndarray:
-        """Average of the ADC samples of the last run, in user units: x ~ A^-1 b.  Shape (n,)."""
+        """Average of the ADC samples of the last run, in user units: x ~ A^-1 b.  Shape (n,).
+
+        Warns (``driver.SettlingWarning``) when the run's ``settling`` is above 1 %: its burn-in was
+        too short for the array's slowest mode, so the average still holds that much transient."""
+        ranging.warn_unsettled(*self._settling)
         started = time.perf_counter()
         reply = self._call(Opcode.READ_MEAN)
         self._record("read_mean", reply, started)

@@ -7,8 +7,10 @@ from typing import Any
 
 import numpy as np
 
+from . import ranging
 from .device import Device, RunReport
-from .errors import SaturationError
+from .errors import InvalidInputError, SaturationError
+from .numbers import real
 from .sampling import SamplingReport, inv, sample_gaussian
 
 __all__ = ["solve", "inv", "sample_gaussian", "SamplingReport"]
@@ -23,34 +25,75 @@ def solve(
     dev: Device,
     A: Any,
     b: Any,
-    t: float = 200.0,
+    t: float | str = 200.0,
     burn_in: float | None = None,
     *,
+    tol: float = 1e-3,
     return_report: bool = False,
-) -> np.ndarray | tuple[np.ndarray, RunReport]:
-    """Solve A x = b on the device: A symmetric positive definite (n, n), b (n,).
+) -> np.ndarray | tuple[np.ndarray, RunReport | list[RunReport]]:
+    """Solve A x = b on the device: A symmetric positive definite (n, n), b (n,) or B (n, k).
 
     Loads A and b, runs for analog time t (tau) and returns the mean of the ADC
-    samples taken after ``burn_in`` (default t / 2), in the user's units.
-    The array settles as e^{-lambda_min t}, lambda_min the smallest eigenvalue of
-    A / (max|A| / g_max), so choose t >~ 10 / lambda_min.
+    samples taken after ``burn_in`` (default t / 2, as ``Device.run``), in the user's units.
+    The array settles as e^{-r t}, r = lambda_min(A) / s per tau the slowest rate of the
+    array a = A / s (s = max|A| / g_max), so choose t >~ 10 / r, or ``t="auto"``:
+    t = 2 ln(1 / tol) / r, so that the burn-in leaves tol (default 1e-3) of the initial
+    offset (r from ``driver.ranging``: exact eigenvalues up to n = 256, Lanczos above).
 
     Auto-ranging, as on a bench instrument: b starts at the DAC's full scale; if a
     node hits a rail or the ADC clips, b is driven at a quarter of that amplitude
     and the run repeated (up to 8 runs); after a step down the input is raised
-    once so the answer fills about 70 % of the ADC range.  ``return_report``
-    also returns the RunReport of the run whose mean is returned.  Raises
-    SaturationError when no input level runs cleanly (A not positive definite).
+    once so the answer fills about 70 % of the ADC range.  B of shape (n, k): A is
+    loaded once and each column ranged and run in turn; the result is (n, k).
+    ``return_report`` also returns the RunReport of the run whose mean is returned
+    (a list of k for B).  Raises SaturationError when no input level runs cleanly
+    (A not positive definite).
 
     Every argument is checked before the first device call (InvalidInputError, nothing
     loaded); a call that fails after that leaves A and b loaded, as its message says.
     """
     # every argument is checked before the first device call, so a refused call changes nothing
+    A = dev._checked_matrix(A)
+    n = A.shape[0]
+    B = np.asarray(b) if not isinstance(b, np.ndarray) else b
+    columns = [dev._checked_vector(column, n) for column in (B.T if B.ndim == 2 else [b])]
+    if B.ndim == 2 and B.shape[1] == 0:
+        raise InvalidInputError(f"B has shape {B.shape}: no right-hand side to solve for")
+    matrix_scale = dev.matrix_scale(A)
+    if isinstance(t, str) and t == "auto":
+        t = _auto_time(dev, A, matrix_scale, tol)
     t = dev._checked_run(t, 0.0)[0]
     t, burn_in = dev._checked_run(t, 0.5 * t if burn_in is None else burn_in)
-    A = dev._checked_matrix(A)
-    b = dev._checked_vector(b, A.shape[0])
-    matrix_scale = dev.load_matrix(A).scale
+    dev.load_matrix(A, scale=matrix_scale)
+    solved = [_solve_column(dev, column, t, burn_in, matrix_scale) for column in columns]
+    if B.ndim == 2:
+        x = np.column_stack([x for x, _ in solved])
+        return (x, [report for _, report in solved]) if return_report else x
+    return solved[0] if return_report else solved[0][0]
+
+
+def _auto_time(dev: Device, A: np.ndarray, matrix_scale: float, tol: Any) -> float:
+    """t whose burn-in t / 2 leaves tol of the slowest mode's initial offset."""
+    tol = real(tol, "tol", "a number in (0, 1)")
+    if not 0.0 < tol < 1.0:
+        raise InvalidInputError(f"tol = {tol!r} must be in (0, 1): the transient left, relative to the offset")
+    lambda_min = ranging.smallest_eigenvalue(A)
+    if not lambda_min > 0.0:
+        raise InvalidInputError(f"t='auto' needs a positive definite A: its smallest eigenvalue is {lambda_min:.3g}")
+    rate = ranging.slowest_rate(dev.info.cell_kind, np.array([lambda_min / matrix_scale]), dev.info.spec)
+    t = ranging.auto_t(rate, tol)
+    if t > dev.info.max_run_time:
+        raise InvalidInputError(
+            f"t='auto' needs t = {t:.3g} tau (the slowest mode relaxes at {rate:.3g} per tau),"
+            f" more than the {dev.info.max_run_time:g} tau one run may take; precondition A or relax tol"
+        )
+    return t
+
+
+def _solve_column(
+    dev: Device, b: np.ndarray, t: float, burn_in: float, matrix_scale: float
+) -> tuple[np.ndarray, RunReport]:
+    """The auto-ranged solve of one right-hand side on the loaded A."""
     natural = dev.load_vector(b).scale
     fraction = 1.0
     raised = False
@@ -79,4 +122,4 @@ def solve(
             " A is probably not positive definite (check its eigenvalues).  The device now holds A and b"
             f" (b at {fraction:.2g} of the DAC's full scale) and the state of the last, discarded run"
         )
-    return best if return_report else best[0]
+    return best

@@ -27,6 +27,7 @@ board like ``spu-8`` or ``spu-8-lc`` they bias the result by about their own siz
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ import numpy as np
 
 from .device import SYMMETRY_RTOL, Device, RunReport
 from .errors import InvalidInputError, SaturationError
+from .ranging import SettlingWarning, slowest_rate
 
 __all__ = ["SamplingReport", "sample_gaussian", "inv", "lag_correlation"]
 
@@ -101,18 +103,6 @@ def lag_correlation(kind: str, stiffness: np.ndarray, lag: np.ndarray, spec: dic
     return np.where(near, critical, general.real)
 
 
-def _slowest_rate(kind: str, stiffness: np.ndarray, spec: dict[str, Any]) -> float:
-    """The smallest decay rate of any mode (1 / tau): k for RC cells, Re(l2) for oscillators."""
-    k = np.asarray(stiffness, dtype=np.float64)
-    if kind != "oscillator":
-        return float(k.min())
-    osc = spec.get("oscillator", {})
-    mass = float(osc.get("inductance", 1.0))
-    half_rate = float(osc.get("damping", 2.0)) / (2.0 * mass)
-    root = np.sqrt((half_rate**2 - k / mass).astype(np.complex128))
-    return float((half_rate - root.real).min())
-
-
 def _envelope(kind: str, stiffness: np.ndarray, lag: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
     """A decreasing bound of |lag_correlation| per mode (max over all lags >= each lag), (modes, lags)."""
     rho = np.abs(lag_correlation(kind, stiffness, lag, spec))
@@ -123,7 +113,7 @@ def _spacing(dev: Device, stiffness: np.ndarray, max_correlation: float) -> tupl
     """(stride in ADC conversions, worst |correlation| at that lag and beyond) for independent-enough samples."""
     period = 1.0 / dev.info.sample_rate
     spec = dev.info.spec
-    horizon = 50.0 / _slowest_rate(dev.info.cell_kind, stiffness, spec)  # every envelope is below 1e-19 there
+    horizon = 50.0 / slowest_rate(dev.info.cell_kind, stiffness, spec)  # every envelope is below 1e-19 there
     strides = np.unique(np.ceil(np.geomspace(1.0, max(horizon / period, 2.0), 400)).astype(np.int64))
     env = _envelope(dev.info.cell_kind, stiffness, strides * period, spec).max(axis=0)
     ok = np.nonzero(env <= max_correlation)[0]
@@ -390,7 +380,9 @@ def inv(
                     " input; A is probably not positive definite (check its eigenvalues)"
                 )
             # in user units the spread is that of A^-1 whatever the readout r; in volts it is spread / r
-            spread = _Z * np.sqrt(np.clip(np.diag(dev.read_cov()), 0.0, None)) + np.abs(dev.read_mean())
+            with warnings.catch_warnings():  # the pilot's mean only bounds the spread: its transient is fine
+                warnings.simplefilter("ignore", SettlingWarning)
+                spread = _Z * np.sqrt(np.clip(np.diag(dev.read_cov()), 0.0, None)) + np.abs(dev.read_mean())
             if float(spread.max()) > 0.0:
                 readout = max(float(spread.max()) / limit, 1.0 / math.sqrt(dev.info.kappa0_max * matrix_scale))
                 kappa = 1.0 / (readout * readout * matrix_scale)

@@ -621,7 +621,10 @@ class Firmware:
                     " or the solution is beyond the rails for this input"
                 )
             # a rail-limited run can be kept with on_saturation=flag; a run-away cannot
-            raise _Refused(Status.SATURATED, why + "; the run was discarded", keepable=int(not runaway), **report)
+            fit = {} if runaway else self._fit_factor()
+            raise _Refused(
+                Status.SATURATED, why + "; the run was discarded", keepable=int(not runaway), **fit, **report
+            )
         return report, state, acc, int(samples)
 
     def _linear_model(self) -> LinearModel | LowRankModel | None:
@@ -753,7 +756,21 @@ class Firmware:
                     f"the exact engine cannot model clipping, and the equilibrium of cell {worst} reaches"
                     f" {level[worst]:.3g} V, beyond {what} at {limit:g} V; scale b down, or use"
                     " engine='transient' to run into the limit",
+                    **self._fit_factor(),
                 )
+
+    def _fit_factor(self) -> dict[str, float]:
+        """{"fit_factor": f}: the input scaled down by f puts the equilibrium at 70 % of the smaller of the
+        rails and the ADC range (f = max |V*| / (0.7 limit)); {} without a stable linear model.  O(n^2)."""
+        model = self._linear_model()
+        limits = [self.spec.rails.v_rail] if self.spec.rails.enabled else []
+        if self.spec.adc.bits > 0:
+            limits.append(self.spec.adc.range_v)
+        if model is None or not model.stable or not limits:
+            return {}
+        n = self._matrix.n
+        level = float(np.abs(model.fixed_point(self._phase_force())[:n]).max())
+        return {"fit_factor": level / (_FIT_FILL * min(limits))} if level > 0.0 else {}
 
     def _run_exact(self, t: float, burn_in: float):
         model = self._linear_model()
@@ -955,6 +972,9 @@ def _integer(payload: Mapping[str, Any], key: str, default: int) -> int:
         raise _Refused(Status.BAD_ARGUMENT, f"payload field {key!r} must be an integer, got {value!r}")
     return int(value)
 
+
+# fit_factor aims the equilibrium at this fraction of the smaller of the rails and the ADC range
+_FIT_FILL = 0.7
 
 # the snapshot buffer's capacity, in values: 256 MiB of float64, the wire's largest payload
 _MAX_SNAPSHOT_VALUES = 1 << 25

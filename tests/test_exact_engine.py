@@ -453,7 +453,7 @@ def test_exact_run_length_is_free(matrix, symmetric):
     with driver.open("ideal", seed=0) as dev:
         dev.load_matrix(matrix, symmetric=symmetric)
         dev.load_vector(TRIPLE_B)
-        report = dev.run(t, engine="exact")
+        report = dev.run(t, burn_in=0.0, engine="exact")
         assert report.engine == "exact"
         assert report.samples == round(t * dev.info.sample_rate) == 1_000_000
         assert report.steps == 0 and report.dt == 0.0 and report.analog_time == t

@@ -1,0 +1,93 @@
+"""What the host can say about a loaded array without solving it: its slowest rate, an input scale that
+keeps the equilibrium inside the converters, and how far a run has settled.
+
+Every estimate starts from lambda_min, the smallest eigenvalue of the matrix as the user gave it (user
+units).  With the array programmed at a = A / s (the load's scale s, user units per g0) and ideal parts,
+the slowest mode relaxes at r = lambda_min / s per tau, so after a burn-in b the transient left is
+e^{-r b} of the initial offset (an oscillator array: the slower root of its mode of stiffness r,
+:func:`slowest_rate`).  A^-1 b is never computed: the equilibrium is bounded through
+|A^-1 b|_inf <= |A^-1 b|_2 <= |b|_2 / lambda_min.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+import scipy.sparse.linalg
+
+from .ggn import GGN
+
+__all__ = ["SettlingWarning", "smallest_eigenvalue", "slowest_rate", "equilibrium_bound", "settling", "auto_t"]
+
+EXACT_UP_TO = 256  # eigvalsh below this size (O(n^3), under a millisecond); Lanczos above, O(k n^2)
+SETTLED = 0.01  # read_mean warns when the transient left at burn_in is above this fraction
+
+
+class SettlingWarning(UserWarning):
+    """The run's burn-in was too short for the array's slowest mode: read_mean still holds transient."""
+
+
+def smallest_eigenvalue(matrix: np.ndarray | GGN) -> float:
+    """lambda_min of a symmetric matrix (user units): exact for n <= 256, else ARPACK's Lanczos to 1 %
+    from a fixed start vector (reproducible).  A GGN J^T H J + lambda I: its damping lambda, a lower bound
+    (and exact when N > m).  Cost O(n^3) up to 256, O(k n^2) above, O(1) for a GGN."""
+    if isinstance(matrix, GGN):
+        return matrix.damping
+    n = matrix.shape[0]
+    symmetric = 0.5 * (matrix + matrix.T)
+    if n <= EXACT_UP_TO:
+        return float(scipy.linalg.eigvalsh(symmetric, subset_by_index=[0, 0])[0])
+    start = np.random.default_rng(0).standard_normal(n)
+    try:
+        value = scipy.sparse.linalg.eigsh(symmetric, k=1, which="SA", tol=1e-2, v0=start, return_eigenvectors=False)
+        return float(value[0])
+    except scipy.sparse.linalg.ArpackNoConvergence:
+        return float(scipy.linalg.eigvalsh(symmetric, subset_by_index=[0, 0])[0])
+
+
+def slowest_rate(kind: str, stiffness: np.ndarray, spec: dict[str, Any]) -> float:
+    """The smallest decay rate of any mode (1 / tau) for modes of stiffness k (1 / tau): k itself for RC
+    cells; for oscillator cells (mass m = the spec's ``oscillator.inductance``, damping gamma) the slower
+    root's real part, gamma / 2m - Re sqrt((gamma / 2m)^2 - k / m), which grows with k up to gamma / 2m."""
+    k = np.asarray(stiffness, dtype=np.float64)
+    if kind != "oscillator":
+        return float(k.min())
+    osc = spec.get("oscillator", {})
+    mass = float(osc.get("inductance", 1.0))
+    half_rate = float(osc.get("damping", 2.0)) / (2.0 * mass)
+    root = np.sqrt((half_rate**2 - k / mass).astype(np.complex128))
+    return float((half_rate - root.real).min())
+
+
+def equilibrium_bound(b: np.ndarray, lambda_min: float) -> float:
+    """An upper bound of max |A^-1 b| (user units) from |b|_2 / lambda_min; inf when lambda_min <= 0."""
+    return float(np.linalg.norm(b)) / lambda_min if lambda_min > 0.0 else math.inf
+
+
+def settling(rate: float | None, burn_in: float) -> float:
+    """e^{-r burn_in}: the fraction of the initial offset left when sampling starts (NaN when r is unknown)."""
+    if rate is None or not math.isfinite(rate):
+        return math.nan
+    return math.exp(-rate * burn_in) if rate > 0.0 else 1.0
+
+
+def auto_t(rate: float, target: float, burn_fraction: float = 0.5) -> float:
+    """The run time t whose burn-in (burn_fraction t) leaves the transient at ``target``: ln(1/target) / (f r)."""
+    return math.log(1.0 / target) / (burn_fraction * rate)
+
+
+def warn_unsettled(left: float, burn_in: float, rate: float) -> None:
+    if math.isfinite(left) and left > SETTLED:
+        warnings.warn(
+            SettlingWarning(
+                f"the last run's burn-in of {burn_in:.3g} tau leaves e^(-r burn_in) = {left:.2g} of the initial"
+                f" offset (the slowest mode relaxes at r = {rate:.3g} per tau): read_mean still holds that much"
+                f" transient; run at least burn_in = {math.log(1.0 / SETTLED) / rate:.3g} tau for 1 %, or use"
+                " driver.linalg.solve(..., t='auto')"
+            ),
+            stacklevel=3,
+        )
