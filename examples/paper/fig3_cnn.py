@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 extra=[
                     ("test acc @ last", "test_accuracy", "last"),
                     ("runtime / it", "runtime_s", "per_it"),
+                    ("device estimate / it", "hardware_time_s", "per_it"),
                     ("host wall / it", "wall_time_s", "per_it"),
                 ],
             )

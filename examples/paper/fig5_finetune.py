@@ -3,7 +3,7 @@ transformer with TNGD-Adam at three values of t, against Adam and bare TNGD.
 
     pip install ".[torch,examples]"
     python examples/paper/fig5_finetune.py [--quick] [--out paper_out] [--seeds 0 1 2] [--iters 80]
-                                           [--t 0.1 1 10]
+                                           [--t 0.1 1 10] [--lr 1e-2]
 
 The model and the tasks (generated here; nothing is downloaded).  Sequences of 12 tokens drawn uniformly
 from a vocabulary of 8.  A 2-layer pre-norm transformer encoder (width 32, 4 heads, learned positions, GELU
@@ -197,12 +197,12 @@ def subset_metrics(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
 # -- the runs -------------------------------------------------------------------------------------------
 
 
-def runs(base: Transformer, seeds: list[int], ts: list[float]) -> list[common.Run]:
+def runs(base: Transformer, seeds: list[int], ts: list[float], lr: float = LR_ADAM) -> list[common.Run]:
     ce = torch.nn.functional.cross_entropy
 
     def adam(seed: int):
         model = adapted(base, seed)
-        return model, common.adam(model, ce, LR_ADAM)
+        return model, common.adam(model, ce, lr)
 
     def tngd(seed: int):
         model = adapted(base, seed)
@@ -210,7 +210,7 @@ def runs(base: Transformer, seeds: list[int], ts: list[float]) -> list[common.Ru
 
     def tngd_adam(t: float, seed: int):
         model = adapted(base, seed)
-        return model, common.tngd_adam(model, "cross_entropy", LR_ADAM, DAMPING, t, seed)
+        return model, common.tngd_adam(model, "cross_entropy", lr, DAMPING, t, seed)
 
     out = []
     for seed in seeds:
@@ -221,7 +221,7 @@ def runs(base: Transformer, seeds: list[int], ts: list[float]) -> list[common.Ru
     return out
 
 
-def plot(rows: list[dict], path: Path, ts: list[float], n: int) -> None:
+def plot(rows: list[dict], path: Path, ts: list[float], n: int, lr: float) -> None:
     plt = common.pyplot()
     from matplotlib import colormaps
 
@@ -237,7 +237,11 @@ def plot(rows: list[dict], path: Path, ts: list[float], n: int) -> None:
     common.log_y(axes[0])
     axes[0].set_ylabel("training loss on task B (cross-entropy, nats)")
     axes[1].set_ylabel("held-out accuracy on task B (fraction)")
-    fig.suptitle(f"LoRA fine-tuning of a pre-trained 2-layer transformer (N = {n:,} trainable), tngd-sim", fontsize=9)
+    fig.suptitle(
+        f"LoRA fine-tuning of a pre-trained transformer (N = {n:,} trainable) on tngd-sim;"
+        f" Adam, TNGD-Adam lr {lr:g}, TNGD lr {LR_TNGD:g}",
+        fontsize=9,
+    )
     common.save(fig, path, common.one_legend(fig, axes[0], ncol=5))
 
 
@@ -245,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__, "paper_out")
     p.add_argument("--iters", type=int, default=None, help="fine-tuning iterations per run (default 80; --quick: 6)")
     p.add_argument("--t", type=float, nargs="+", default=[0.1, 1.0, 10.0], help="TNGD-Adam analog times")
+    p.add_argument("--lr", type=float, default=LR_ADAM, help="Adam's and TNGD-Adam's learning rate (default 1e-2)")
     p.add_argument("--pretrain-steps", type=int, default=None, help="Adam steps on task A (default 300; --quick 100)")
     args = p.parse_args(argv)
     iters = args.iters or (6 if args.quick else 80)
@@ -256,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.replot:
         base, accuracy = pretrain(steps)
         print(f"pre-trained on task A: {steps} Adam steps, held-out accuracy {accuracy:.3f}; fine-tuning N = {n}")
-        plan = runs(base, seeds, args.t)
+        plan = runs(base, seeds, args.t, args.lr)
     rows, interrupted = common.execute(
         args,
         NAME,
@@ -270,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     if rows:
         at = [i for i in (10, 50) if i < iters]
         print(common.summary_table(rows, "train_loss", at, extra=[("test acc @ last", "test_accuracy", "last")]))
-        plot(rows, out / f"{NAME}.png", args.t, n)
+        plot(rows, out / f"{NAME}.png", args.t, n, args.lr)
     return common.finish(rows, interrupted, out, NAME, COLUMNS)
 
 
