@@ -86,7 +86,7 @@ def plot(rows: list[dict], path: Path, levels: list[float], t: float) -> None:
             if kappa0 == 0:
                 color, style = "tab:blue", "-"
             else:
-                color, style = colormaps["autumn"](0.75 * noisy.index(kappa0) / max(1, len(noisy) - 1)), "-"
+                color, style = colormaps["plasma"](0.15 + 0.7 * noisy.index(kappa0) / max(1, len(noisy) - 1)), "-"
             common.plot_band(ax, rows, label(kappa0), y, label=_legend(rows, kappa0), color=color, linestyle=style)
         ax.set_xlabel("iteration (batches of 64)")
         ax.grid(alpha=0.3)
