@@ -1,8 +1,9 @@
 """The TNGD paper scripts (examples/paper/): each ``--quick`` run exits 0 and writes its CSV, with the
 documented columns, and its PNG.
 
-The four quick runs together take 2 to 4 minutes on 2 cores, so they are marked slow (``pytest -m slow``);
-the default suite runs fig3_cnn.py for 2 iterations instead (about 15 s), which exercises the shared helper."""
+The four quick runs together take 98 s on an otherwise idle 2-core machine (fig3 31 s, fig7 30 s, fig4 24 s,
+fig5 14 s) and over 2 minutes while other jobs share the cores, so they are marked slow (``pytest -m slow``);
+the default suite runs fig3_cnn.py for 2 iterations instead (11 s), which exercises the shared helper."""
 
 from __future__ import annotations
 
