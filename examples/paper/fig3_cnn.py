@@ -21,8 +21,9 @@ hardware-time estimate (StepRecord.hardware_time_s: 16-bit codes over a 50 Gb/s 
 t x tau of analog time, the read-out) in place of the emulator's time: the paper's "TNGD (estimated)".
 
 Scaled down from the paper (MNIST 28 x 28, a wider CNN, thousands of iterations) so a full run takes about
-5 minutes on 2 shared cores: 8 x 8 digits, N = 2,530, 200 iterations, 3 seeds.  The emulator's cost per
-TNGD step (~0.12 s, an exact O(N m^2) analysis of the GGN array) is what limits the size.
+7 minutes on 2 cores (measured while another run shared them): 8 x 8 digits, N = 2,530, 200 iterations,
+3 seeds.  The emulator's cost per TNGD step (~0.12 s, an exact O(N m^2) analysis of the GGN array) is what
+limits the size.
 
 Writes OUT/fig3_cnn.csv (columns: see common.COLUMNS) and OUT/fig3_cnn.png (training loss and test accuracy
 against iteration and against estimated runtime; mean over seeds, band from the lowest to the highest seed),

@@ -13,8 +13,8 @@ of F (driver.tngd's docstring: a mode of F + lambda I with eigenvalue l relaxes 
     (a) TNGD at each --t, beside NGD (the exact damped natural gradient, the limit t -> infinity)
     (b) TNGD at t = --delay-t with each --delay t_d (t_d = 0 is the run of panel (a) when --delay-t is in --t)
 
-Scaled down from the paper (MNIST, thousands of iterations) for a full run of about 6 minutes on 2 shared
-cores: the fig3 CNN, 100 iterations, 3 seeds, 4 values of t and 4 of t_d.
+Scaled down from the paper (MNIST, thousands of iterations) for a full run of about 6 minutes on 2 cores
+(14 measured while two other runs shared them): the fig3 CNN, 100 iterations, 3 seeds, 4 values of t and 4 of t_d.
 
 Writes OUT/fig4_t_delay.csv (common.COLUMNS plus the swept values "t" and "t_d"; NGD has t = inf, t_d = 0)
 and OUT/fig4_t_delay.png (training loss against iteration: mean over seeds, band from the lowest to the

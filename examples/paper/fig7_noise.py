@@ -15,8 +15,9 @@ scale, s the matrix scale of the load), which is the paper's kappa0 in dx = -(F 
 The client chooses r and s per run; the CSV's "kappa_user" column records kappa for every step, and the
 printed table its mean, so the sweep can be read in either unit.
 
-Scaled down from the paper (MNIST, thousands of iterations) for a full run of about 5 minutes on 2 shared
-cores: the fig3 CNN, 100 iterations, 3 seeds.
+Scaled down from the paper (MNIST, thousands of iterations): the fig3 CNN, 100 iterations, 3 seeds.  A full
+run took 20 minutes on 2 cores shared with another run: with injected noise every step samples the noise on
+the exact engine, about 5 times the cost of a noiseless step (the runs at kappa0 >= 1e-2 stop early).
 
 Writes OUT/fig7_noise.csv (common.COLUMNS plus "kappa0", the device's level in V^2/tau, and "kappa_user",
 kappa in the units of the natural gradient; NGD has 0 for both) and OUT/fig7_noise.png (training loss and
