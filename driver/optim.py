@@ -571,8 +571,13 @@ def _loss_terms(
         weight = y.sum(dim=1)
         per_loss = -(y * log_p).sum(dim=1)
         residual = weight[:, None] * p - y
-        hessian = weight[:, None, None] * (torch.diag_embed(p) - p[:, :, None] * p[:, None, :])
-        return per_loss, residual, hessian
+        # diagonal p_c (1 - p_c) with 1 - p_c = sum_{j != c} p_j taken in log space: p_c - p_c^2 cancels to 0
+        # for a saturated softmax (p_c = 1 - 1e-31) and leaves an indefinite H; this way each block's rows
+        # sum to zero with a non-negative diagonal, PSD to round-off of the block's own size
+        others = torch.logsumexp(z[:, None, :] + _off_diagonal(d_z, z), dim=2) - torch.logsumexp(z, dim=1)[:, None]
+        hessian = -p[:, :, None] * p[:, None, :]
+        hessian.diagonal(dim1=1, dim2=2).copy_(p * others.exp())
+        return per_loss, residual, weight[:, None, None] * hessian
     if kind == "mse":
         if not y.is_floating_point() or y.reshape(b, -1).shape != (b, d_z):
             raise InvalidInputError(
@@ -583,6 +588,12 @@ def _loss_terms(
         eye = torch.eye(d_z, dtype=z.dtype, device=z.device)
         return (diff**2).mean(dim=1), 2.0 * diff / d_z, (2.0 / d_z) * eye.expand(b, d_z, d_z)
     return _callable_terms(loss, z, y)
+
+
+def _off_diagonal(d: int, like: torch.Tensor) -> torch.Tensor:
+    """(d, d): 0 off the diagonal, -inf on it (masks class c out of a logsumexp over classes)."""
+    mask = torch.zeros(d, d, dtype=like.dtype, device=like.device)
+    return mask.fill_diagonal_(-torch.inf)
 
 
 def _callable_terms(loss: Callable, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -443,8 +443,12 @@ class TNGD:
             self._load_gradient(g, scale, tally)
         else:
             raise SaturationError(
-                f"the device clipped at every state scale up to {self._state_scale:.3g} user units per volt;"
-                " F + lambda I is probably not positive definite"
+                f"the device clipped at every state scale up to {self._state_scale:.3g} user units per volt."
+                f" Either F + lambda I is not positive definite, or the injected noise is too strong for the"
+                f" converters: kappa0 = {self.device.info.kappa0:.3g} V^2 spreads the slowest mode by"
+                f" sqrt(kappa0 s / lambda) = {math.sqrt(self.device.info.kappa0 * scale / self.damping):.3g} V"
+                f" against an ADC range of {self.device.info.adc_range_v:g} V, whatever the state scale; lower"
+                " kappa0 (or raise the damping)"
             )
         x = self._read_state(tally) if self.readout == "state" or t_device == 0.0 else self._read_mean(tally)
         self._estimate = x

@@ -145,6 +145,22 @@ def test_ggn_h_is_block_diagonal_with_the_batch_mean_folded_in():
     assert torch.allclose(mse.H, torch.eye(9) * 2 / 3 / 3)
 
 
+def test_a_saturated_softmax_gives_a_psd_hessian():
+    """Logits 70 apart: p_c = 1 - 1e-31, and p_c - p_c^2 would cancel to 0 while the off-diagonals stay near
+    -1e-31, an indefinite block the device refuses.  Each block must be PSD with rows summing to zero."""
+    model = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.copy_(torch.tensor([70.0, 0.0, 0.5]))
+    x, y = torch.randn(8, 4), torch.zeros(8, dtype=torch.int64)
+    H = ggn(model, "cross_entropy", x, y).H
+    block = H[:3, :3]
+    assert float(block[0, 0]) > 0.0 and torch.allclose(block.sum(dim=1), torch.zeros(3), atol=1e-45)
+    assert float(torch.linalg.eigvalsh(block)[0]) >= -1e-14 * float(block.abs().max())  # eigvalsh: ~10 eps
+    with driver.open("tngd-sim", seed=0) as dev:
+        TNGD(model, "cross_entropy", dev, lr=0.01, damping=0.01, t=1.0).step(x, y)
+
+
 def test_callable_loss_matches_the_named_ones():
     model = _cnn()
     for kind in ("cross_entropy", "mse"):
