@@ -87,19 +87,9 @@ def batches(n: int, batch: int, iters: int, seed: int) -> list[torch.Tensor]:
 # -- models ---------------------------------------------------------------------------------------------
 
 
-class DigitsCNN(torch.nn.Module):
-    """The TNGD paper's MNIST CNN (Sec. 5: one convolutional layer, two fully connected) at digit size:
-    Conv(1 -> 4, 3 x 3) + ReLU, FC(144 -> 16) + tanh, FC(16 -> 10); N = 40 + 2,320 + 170 = 2,530."""
-
-    def __init__(self, channels: int = 4, hidden: int = 16, classes: int = 10):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(1, channels, 3)
-        self.fc1 = torch.nn.Linear(channels * 6 * 6, hidden)
-        self.fc2 = torch.nn.Linear(hidden, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.conv(x))
-        return self.fc2(torch.tanh(self.fc1(x.flatten(1))))
+# the CNN of examples/tngd_torch.py (the paper's shape at digit size), one definition for both
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tngd_torch import DigitsCNN  # noqa: E402
 
 
 def digits_cnn(seed: int) -> DigitsCNN:
