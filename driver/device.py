@@ -119,6 +119,60 @@ class CallRecord:
     discarded: bool = False
 
 
+class Timeline(list):
+    """``Device.timeline``: the last ``maxlen`` calls' :class:`CallRecord` (oldest dropped first), and
+    exact running totals over every call since the device was opened.
+
+    maxlen: how many records are kept, default ``Device.timeline_length`` (1,000); set
+    ``dev.timeline.maxlen = N`` to keep more or fewer (the oldest beyond N go at once), ``None``
+    for all.  The totals do not depend on it: calls, every load, run and read recorded;
+    device_time, their summed :class:`DeviceTime`; hardware_s, the running sum of each call's
+    ``device_time.total_s`` in call order (so ``timeline.hardware_s - before`` gives the hardware
+    time of the calls since ``before`` was read, whatever was dropped; with nothing dropped it equals
+    ``sum(r.device_time.total_s for r in timeline)`` bit for bit); wall_time_s, their summed host time.
+    """
+
+    def __init__(self, maxlen: int | None = 1000):
+        super().__init__()
+        self.calls = 0
+        self.device_time = DeviceTime()
+        self.hardware_s = 0.0
+        self.wall_time_s = 0.0
+        self._maxlen: int | None = None
+        self.maxlen = maxlen
+
+    @property
+    def maxlen(self) -> int | None:
+        return self._maxlen
+
+    @maxlen.setter
+    def maxlen(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise InvalidInputError(f"timeline maxlen must be a non-negative integer or None, got {value!r}")
+        self._maxlen = value
+        self._trim()
+
+    @property
+    def dropped(self) -> int:
+        """Calls recorded in the totals whose records are no longer held."""
+        return self.calls - len(self)
+
+    def append(self, record: CallRecord) -> None:
+        super().append(record)
+        self.calls += 1
+        self.device_time = self.device_time + record.device_time
+        self.hardware_s += record.device_time.total_s
+        self.wall_time_s += record.wall_time_s
+        self._trim()
+
+    def _trim(self) -> None:
+        if self._maxlen is not None and len(self) > self._maxlen:
+            del self[: len(self) - self._maxlen]
+
+    def __repr__(self) -> str:
+        return f"Timeline({list.__repr__(self)}, maxlen={self._maxlen}, calls={self.calls})"
+
+
 @dataclass(frozen=True)
 class LoadReport:
     """Result of a load: the scale chosen (user units per device unit) and what
@@ -177,6 +231,10 @@ class DeviceStatus:
 class Device:
     """An open SPU.  Use :func:`driver.open` to get one; close it (or use ``with``)."""
 
+    # records kept in ``timeline`` (a :class:`Timeline`; its totals count every call); a device's own
+    # ``dev.timeline.maxlen`` changes it after open, None keeps all
+    timeline_length: int | None = 1000
+
     def __init__(self, transport: Transport, label: str = "device"):
         self._transport = transport
         self._label = label
@@ -207,8 +265,9 @@ class Device:
             kappa0_max=spec["noise"].get("kappa0_max", 0.0),
         )
         self._forget_scales()
-        # every load, run and read, with the hardware time the device reports for it (DESIGN 4.6)
-        self.timeline: list[CallRecord] = []
+        # the last loads, runs and reads, with the hardware time the device reports for each (DESIGN 4.6),
+        # and exact totals over all of them (Timeline)
+        self.timeline = Timeline(self.timeline_length)
         self._j_codes: np.ndarray | None = None  # J's codes of the last GGN load (the buffer is reused)
 
     def _forget_scales(self) -> None:

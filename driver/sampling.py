@@ -48,6 +48,9 @@ _STEP_DOWN = 16.0
 _MAX_TRIES = 8
 # a sample must be at least this many LSB wide, or the ADC's rounding dominates it
 _MIN_SD_LSB = 2.0
+# the most values (n x d) one sample_gaussian call returns: the device's snapshot buffer
+# (PROTOCOL.md, RUN's record_samples: k n <= 2^25), 256 MiB of float64 on the host
+MAX_SAMPLE_VALUES = 1 << 25
 
 
 @dataclass(frozen=True)
@@ -236,7 +239,8 @@ def sample_gaussian(
     Cost: O(d^3) on the host (the precision and its eigenvalues), and analog time
     burn_in + n spacing, run by the transient engine (a recording run steps),
     O(d^2) per step.  Raises InvalidInputError for a cov that is not symmetric positive
-    definite, d above the cell count, n < 1, or a device whose noise cannot suit the problem.
+    definite, d above the cell count, n < 1, n d above MAX_SAMPLE_VALUES (2^25, the device's
+    snapshot buffer), or a device whose noise cannot suit the problem.
     """
     mean = _as_array(mean, "mean", 1)
     cov = _as_array(cov, "cov", 2)
@@ -246,6 +250,12 @@ def sample_gaussian(
     _check_fits(dev, d, "the Gaussian")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise InvalidInputError(f"n = {n!r} samples: pass a positive integer")
+    if n * d > MAX_SAMPLE_VALUES:
+        raise InvalidInputError(
+            f"n = {n} samples of dimension {d} is {n * d} values, over the limit of {MAX_SAMPLE_VALUES}"
+            f" (2^25: the device's snapshot buffer, 256 MiB of float64): pass n <= {MAX_SAMPLE_VALUES // d}"
+            " and draw more in further calls"
+        )
     if not 0.0 < max_correlation < 1.0:
         raise InvalidInputError(f"max_correlation = {max_correlation!r} must be in (0, 1)")
     factor = _check_spd(cov, "cov")

@@ -322,13 +322,13 @@ class TNGD:
             self._record(StepRecord(solver=self.solver, wall_time_s=time.perf_counter() - started))
             return x
         tally = _Tally()
-        first_call = len(self.device.timeline)
+        hardware_before = self.device.timeline.hardware_s  # running total: exact whatever the timeline keeps
         x = self._device_step(g, curv, tally)
         self._record(
             StepRecord(
                 solver="device",
                 device_time=tally.device_time,
-                hardware_time_s=sum(call.device_time.total_s for call in self.device.timeline[first_call:]),
+                hardware_time_s=self.device.timeline.hardware_s - hardware_before,
                 wall_time_s=time.perf_counter() - started,
                 matrix_scale=self._previous_scale or 0.0,
                 state_scale=self._state_scale or 0.0,
@@ -380,13 +380,13 @@ class TNGD:
         state is no longer the continuation of the estimate: the next step sets it to the estimate first."""
         saved = self.state_dict()
         previous_scale, holds = self._previous_scale, self._device_holds_estimate
-        calls = len(self.device.timeline) if self.solver == "device" else 0
+        calls = self.device.timeline.calls if self.solver == "device" else 0
         try:
             yield
         except BaseException:
             self.load_state_dict(saved)
             self._previous_scale = previous_scale
-            self._device_holds_estimate = holds and (self.solver != "device" or len(self.device.timeline) == calls)
+            self._device_holds_estimate = holds and (self.solver != "device" or self.device.timeline.calls == calls)
             raise
 
     # -- the device step -----------------------------------------------------------------------------

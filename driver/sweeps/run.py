@@ -87,9 +87,9 @@ def run_cell(job: dict[str, Any]) -> dict[str, Any]:
     try:
         function = resolve_workload(job["workload"])
         with driver.open(job["spec"], seed=job["device_seed"], overrides=job["point"]) as device:
-            first = len(device.timeline)
+            first = device.timeline.hardware_s
             out = function(device, rng, **job["args"])
-            hardware = sum(call.device_time.total_s for call in device.timeline[first:])
+            hardware = device.timeline.hardware_s - first
         rows = [out] if isinstance(out, dict) else list(out) if isinstance(out, (list, tuple)) else []
         if not rows or not all(isinstance(row, dict) for row in rows):
             raise InvalidInputError(f"workload {job['workload']!r} must return a dict or a list of dicts, got {out!r}")
