@@ -44,13 +44,13 @@ _STALLED_SOLVES = 2
 class RefinementReport:
     """What iterative refinement of one right-hand side did.
 
-        residuals: ||b - A x_k|| / ||b|| in float64 for x_0 (the plain device solve) and after each
-        correction, so ``len(residuals) - 1`` corrections were made; converged: the last one is <= tol;
-        tol: the target; device_solves: auto-ranged device solves (x_0 and every correction);
-        runs: device runs, the auto-ranging's retries included; analog_time: tau of the runs whose means
-    were used (one per solve);
-        device_time: what the loads, runs and reads took on the hardware (``device_time.analog_s``
-        is the analog part, in seconds), summed over ``dev.timeline``.
+    residuals: ||b - A x_k|| / ||b|| in float64 for x_0 (the plain device solve) and after each
+    correction, so ``len(residuals) - 1`` corrections were made; converged: the last one is <= tol;
+    tol: the target; device_solves: auto-ranged device solves (x_0 and every correction);
+    runs: device runs, the auto-ranging's retries included (of the records ``dev.timeline`` holds);
+    analog_time: tau of the runs whose means were used (one per solve); device_time: what the
+    loads, runs and reads took on the hardware (``device_time.analog_s`` is the analog part, in
+    seconds), from ``dev.timeline``'s running totals.
     """
 
     residuals: tuple[float, ...]
@@ -124,7 +124,7 @@ def refine_solution(
     A = np.asarray(A, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     b_norm = float(np.linalg.norm(b))
-    start = len(dev.timeline)
+    start = (dev.timeline.calls, dev.timeline.device_time)
     if b_norm == 0.0:  # A x = 0: x = 0 exactly, nothing to run
         return np.zeros_like(b), _report(dev, start, (0.0,), True, tol, 0, 0.0)
 
@@ -181,9 +181,19 @@ def _last_factor(residuals: list[float]) -> float:
 
 
 def _report(
-    dev: Device, start: int, residuals: tuple[float, ...], converged: bool, tol: float, solves: int, analog: float
+    dev: Device,
+    start: tuple[int, DeviceTime],
+    residuals: tuple[float, ...],
+    converged: bool,
+    tol: float,
+    solves: int,
+    analog: float,
 ) -> RefinementReport:
-    records = dev.timeline[start:]
+    timeline = dev.timeline
+    calls, before = start
+    new = timeline.calls - calls  # records past maxlen are dropped, their totals kept (device.Timeline)
+    records = timeline[len(timeline) - min(new, len(timeline)) :] if new else []
+    after = timeline.device_time
     return RefinementReport(
         residuals=residuals,
         converged=converged,
@@ -191,5 +201,10 @@ def _report(
         device_solves=solves,
         runs=sum(1 for record in records if record.call == "run"),
         analog_time=analog,
-        device_time=sum((record.device_time for record in records), DeviceTime()),
+        device_time=DeviceTime(
+            after.link_s - before.link_s,
+            after.program_s - before.program_s,
+            after.analog_s - before.analog_s,
+            after.convert_s - before.convert_s,
+        ),
     )
