@@ -441,7 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(serve)
     serve.add_argument("--seed", type=_seed, default=None, help="device seed (default: fresh entropy)")
     serve.add_argument("--frame-timeout", type=_positive_time, default=None, help="seconds a frame may take once begun")
-    serve.add_argument("--idle-timeout", type=_positive_time, default=None, help="seconds the holder may stay silent")
+    serve.add_argument(
+        "--idle-timeout",
+        type=_positive_time,
+        default=None,
+        help="seconds the holder may stay silent before it is dropped and the device freed (default 300)",
+    )
     serve.add_argument(
         "--poll-us",
         type=_non_negative_time,
@@ -490,7 +495,8 @@ def _serve(args: argparse.Namespace) -> int:
         spec = load_spec(args.preset, _overrides(args) or None)
     except DeviceSpecError as exc:
         raise driver.SpecError(str(exc)) from None
-    return serve(spec, args.host, args.port, args.seed, **{k: v for k, v in options.items() if v is not None})
+    options = {k: v for k, v in options.items() if v is not None}
+    return serve(spec, args.host, args.port, args.seed, **options)
 
 
 def _show_warning(command: str, message: Warning | str, *_args: Any, **_kwargs: Any) -> None:

@@ -22,8 +22,8 @@ Rules (PROTOCOL.md, "Sessions"):
   has been freed by the time it arrives, when it is served) and that connection
   is closed.
 * The holder frees the device when its connection ends: EOF, reset, a frame that
-  stops mid-way for ``frame_timeout`` s, silence for ``idle_timeout`` s (off by
-  default), or a header error.  A command that is running when the host goes
+  stops mid-way for ``frame_timeout`` s, silence for ``idle_timeout`` s (300
+  by default, also before the first frame), or a header error.  A command that is running when the host goes
   away runs to its end (a run is bounded by the spec's max_run_time, and an
   analog run cannot be recalled); the device is freed as soon as it ends.
 * The device's state persists across connections, as a board's would: loads,
@@ -62,6 +62,9 @@ log = logging.getLogger("spu_emulator.server")
 
 _POLL_S = 0.1  # how often the front process looks for a stop request
 _MESSAGE_BYTES = 4096  # control messages between the two processes
+# connections past the waiting slots: the accepting thread answers them BUSY itself, without a thread
+# each; past this many at once, more are closed on accept
+_MAX_OVERFLOW = 1024
 
 
 class DeviceServer:
@@ -69,10 +72,12 @@ class DeviceServer:
 
     host, port: where to listen (port 0 picks a free one; see ``address`` and ``url``).
     frame_timeout, busy_timeout, idle_timeout: seconds, defaults from protocol.yaml
-    ``timing``; idle_timeout None lets the holder stay silent for ever.
+    ``timing``; idle_timeout None lets the holder stay silent for ever (the default is 300 s).
     poll_s: after each reply the device process busy-polls for the next request this long
     before it sleeps (``timing.polling.device_poll_s``; 0 sleeps at once).
-    max_connections: hosts waiting for their BUSY answer at once; more are closed on accept.
+    max_connections: hosts waiting for their BUSY answer (or for the device) on a thread each; up to
+    1,024 more are answered BUSY by the accepting thread (their first request's header read as it
+    arrives, without waiting for the device to be freed); only past those is a connection closed.
 
     The firmware object passed in is copied into the device process when the server is
     made: query the device through the protocol, not through that object.  Use as a
@@ -127,6 +132,10 @@ class DeviceServer:
         self._holder: str | None = None
         self._holder_socket: socket.socket | None = None
         self._waiting: dict[int, tuple[socket.socket, threading.Thread]] = {}
+        # overflow connections, served by serve_forever's selector: socket -> [header bytes, deadline, name,
+        # draining (BUSY sent, reading to EOF before closing)]
+        self._overflow: dict[socket.socket, list[Any]] = {}
+        self._selector: selectors.BaseSelector | None = None
         self._stop = threading.Event()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -156,7 +165,7 @@ class DeviceServer:
 
     def serve_forever(self) -> None:
         """Accept connections until :meth:`stop` or :meth:`shutdown` (or the device process ends)."""
-        selector = selectors.DefaultSelector()
+        selector = self._selector = selectors.DefaultSelector()
         selector.register(self._listener, selectors.EVENT_READ)
         selector.register(self._control, selectors.EVENT_READ)
         try:
@@ -164,14 +173,23 @@ class DeviceServer:
                 for key, _ in selector.select(_POLL_S):
                     if key.fileobj is self._control:
                         self._device_message()
+                    elif key.fileobj in self._overflow:
+                        self._overflow_readable(key.fileobj)  # type: ignore[arg-type]
                     elif not self._stop.is_set():
                         try:
                             sock, peer = self._listener.accept()
                         except OSError:
                             continue
                         self._admit(sock, _peer_name(peer))
+                now = time.monotonic()
+                for sock, (_, deadline, _name, draining) in list(self._overflow.items()):
+                    if now >= deadline:
+                        self._overflow_close(sock, "" if draining else f"no request within {self.busy_timeout:g} s")
         finally:
+            for sock in list(self._overflow):
+                self._overflow_close(sock, "server stopped")
             selector.close()
+            self._selector = None
             self._stopped.set()
 
     def stop(self) -> None:
@@ -242,11 +260,69 @@ class DeviceServer:
                 full = False
                 thread = threading.Thread(target=self._answer_busy, args=(sock, name), daemon=True)
                 self._waiting[sock.fileno()] = (sock, thread)
-        if full:
-            log.info("connection from %s refused: %d hosts already waiting", name, self.max_connections)
+        if full and self._selector is not None and len(self._overflow) < _MAX_OVERFLOW:
+            sock.setblocking(False)
+            self._overflow[sock] = [bytearray(), time.monotonic() + self.busy_timeout, name, False]
+            self._selector.register(sock, selectors.EVENT_READ)
+        elif full:
+            log.info("connection from %s closed: %d hosts already waiting", name, self.max_connections + _MAX_OVERFLOW)
             sock.close()
         else:
             thread.start()
+
+    def _overflow_readable(self, sock: socket.socket) -> None:
+        """A connection past the waiting slots sent bytes: once its first header is in, answer BUSY, then
+        read to EOF (so the answer is not lost to a reset) until its deadline."""
+        state = self._overflow[sock]
+        header_bytes, _, name, draining = state
+        try:
+            data = sock.recv(65536 if draining else wire.HEADER.size - len(header_bytes))
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._overflow_close(sock, f"link error: {exc}")
+            return
+        if not data:
+            self._overflow_close(sock, "" if draining else "closed by the host")
+            return
+        if draining:
+            return
+        header_bytes += data
+        if len(header_bytes) < wire.HEADER.size:
+            return
+        try:
+            header = wire.parse_header(header_bytes)
+            frame = wire.error_frame(
+                header.opcode,
+                header.request_id,
+                Status.BUSY,
+                f"{self.spec.name} at {self.url} is held by {self._holder} (one host at a time;"
+                f" {self.max_connections} hosts are waiting already)",
+            )
+            reason = "answered BUSY (waiting slots full)"
+        except wire.FrameError as exc:
+            frame, reason = wire.frame_error_reply(exc), f"refused while busy: {exc}"
+        try:
+            sent = sock.send(frame)  # a small frame: the socket's send buffer takes it whole
+            sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self._overflow_close(sock, f"link error: {exc}")
+            return
+        if sent < len(frame):
+            self._overflow_close(sock, "link error: the answer did not fit the send buffer")
+            return
+        log.info("connection from %s refused: %s", name, reason)
+        state[1] = min(state[1], time.monotonic() + self.frame_timeout)
+        state[3] = True
+
+    def _overflow_close(self, sock: socket.socket, reason: str) -> None:
+        name = self._overflow.pop(sock)[2]
+        if self._selector is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(sock)
+        sock.close()
+        if reason:
+            log.info("connection from %s closed (%s)", name, reason)
 
     def _hand_over(self, sock: socket.socket, name: str, note: str) -> None:
         """Give the connection to the device process (hold the lock)."""

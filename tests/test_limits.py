@@ -72,3 +72,37 @@ def test_sample_gaussian_refuses_an_n_over_the_buffer_naming_n_before_any_call()
         assert dev.timeline.calls == 0
         with pytest.raises(InvalidInputError, match=r"n = 1000000000 "):
             driver.sampling.sample_gaussian(dev, np.zeros(2), np.eye(2), n=10**9)
+
+
+# -- the server ------------------------------------------------------------------------------------
+def test_the_server_drops_a_silent_holder_by_default_and_answers_busy_past_the_waiting_slots():
+    import socket
+    import time
+
+    from spu_emulator import Firmware, load_spec, wire
+    from spu_emulator.server import DeviceServer
+
+    assert wire.TIMING.idle_timeout_s == 300.0
+    firmware = Firmware(load_spec("ideal"), seed=1)
+    assert DeviceServer.__init__.__kwdefaults__["idle_timeout"] == 300.0
+    with DeviceServer(firmware, "127.0.0.1", 0, max_connections=2, busy_timeout=3.0, idle_timeout=0.5) as server:
+        silent = [socket.create_connection(server.address, timeout=5) for _ in range(4)]  # holder + 2 slots + 1
+        try:
+            deadline = time.monotonic() + 3.0
+            while server.holder is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with pytest.raises(driver.DeviceBusyError, match="held by"):
+                driver.open(server.url, timeout=5)
+        finally:
+            for sock in silent:
+                sock.close()
+        deadline = time.monotonic() + 5.0  # the silent holder is dropped after 0.5 s
+        while time.monotonic() < deadline:
+            try:
+                with driver.open(server.url, timeout=5) as dev:
+                    assert dev.info.name
+                break
+            except driver.DeviceBusyError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("the device was not freed")
