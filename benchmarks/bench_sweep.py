@@ -12,7 +12,9 @@ columns aside); the benchmark checks it.
 
 Rows: cells/s (total cells / wall time of ``driver.sweep``); 1st cell s: when the first cell finished
 (start-up plus one cell); efficiency = (cells/s) / (workers x the
-serial cells/s); Dask overhead = Dask's wall time / the local processes' - 1.  Targets: efficiency >= 0.85
+serial cells/s); Dask overhead = Dask's wall time / the local processes' - 1, for a LocalCluster started by
+the sweep (``--dask local:2``, its start-up in the row) and for a cluster already running with warm workers
+(``--dask ADDRESS``: a fourth row, the cluster started and warmed before the clock).  Targets: efficiency >= 0.85
 at 2 local workers; Dask overhead <= 15 %.  On a shared machine the parallel rows depend on what else
 runs: the table prints the load average before each row.
 """
@@ -68,7 +70,16 @@ def main() -> None:
         ("Dask LocalCluster(2)", {"dask": "local:2"}, 2),
     ]
     rows = []
+    cluster = None
     try:
+        # a user's --dask ADDRESS names a scheduler that is already up, its workers warm: start one, warm it
+        # with a one-cell sweep, and time the same sweep on it as a fourth row
+        from dask.distributed import LocalCluster
+
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None)
+        warm = {**sweep, "seeds": 1, "grid": {"adc.bits": [8]}}
+        driver.sweep(warm, tempfile.mkdtemp(), dask=cluster.scheduler_address, progress=False, plots=False)
+        runs.append(("Dask, running cluster", {"dask": cluster.scheduler_address}, 2))
         for name, options, workers in runs:
             out = root / name.split()[0].lower().replace("(", "")
             load = os.getloadavg()[0]
@@ -89,15 +100,18 @@ def main() -> None:
         same = all(table(row[5]) == reference for row in rows[1:])
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        if cluster is not None:
+            cluster.close()
     serial_rate = rows[0][3]
     print(f"sweep: {cells} cells of {args.problems} solves (spu-8, n = 8) on {os.cpu_count()} cores")
     print(f"{'executor':<22} {'wall s':>8} {'cells/s':>8} {'efficiency':>10} {'1st cell s':>10} {'load avg':>8}")
     for name, workers, wall, rate, load, _, first_s in rows:
         efficiency = rate / (workers * serial_rate)
         print(f"{name:<22} {wall:>8.2f} {rate:>8.2f} {efficiency:>10.2f} {first_s:>10.2f} {load:>8.2f}")
-    overhead = rows[2][2] / rows[1][2] - 1.0
-    print(f"Dask overhead over local processes: {100 * overhead:+.1f} %   (target <= 15 %)")
-    print(f"results.csv identical across the three (wall time aside): {same}")
+    cold, running = rows[2][2] / rows[1][2] - 1.0, rows[3][2] / rows[1][2] - 1.0
+    print(f"Dask overhead over local processes: {100 * cold:+.1f} % starting a LocalCluster (its start-up included),")
+    print(f"  {100 * running:+.1f} % on a running cluster, as --dask ADDRESS uses one   (target <= 15 %)")
+    print(f"results.csv identical across the four (wall time aside): {same}")
 
 
 if __name__ == "__main__":
