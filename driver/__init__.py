@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import (
+    AuthenticationError,
     DeviceBusyError,
     DeviceClosedError,
     DeviceInternalError,
@@ -117,6 +118,7 @@ __all__ = [
     "ProtocolError",
     "LinkError",
     "LinkTimeoutError",
+    "AuthenticationError",
 ]
 
 
@@ -127,6 +129,7 @@ def open(  # noqa: A001 - the driver's verb
     overrides: dict | None = None,
     timeout: float | None = None,
     poll_s: float | None = None,
+    token: str | bytes | None = None,
 ) -> Device:
     """Open an emulated SPU from a preset name (``"ideal"``, ``"spu-8"``, ``"tngd-sim"``),
     the path of a YAML spec or a mapping with the YAML's structure, or a served device
@@ -148,6 +151,9 @@ def open(  # noqa: A001 - the driver's verb
     ``poll_s`` (tcp:// only): seconds to busy-poll for each reply before sleeping, default
     1 ms (``timing.polling.host_poll_s``); 0 sleeps at once and saves the CPU, for a
     few tens of microseconds more per exchange.
+    ``token`` (tcp:// only): the shared secret of a server started with ``spu serve --token-file``; the
+    host and the device prove to each other that they hold it (HMAC-SHA256 challenge-response, the
+    token never crosses the link) before any command; a mismatch raises AuthenticationError.
     """
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise InvalidInputError(f"seed must be a non-negative integer or None, got {seed!r}")
@@ -159,7 +165,11 @@ def open(  # noqa: A001 - the driver's verb
                 f"overrides apply to in-process devices; the spec of {spec} is fixed by its server:"
                 " start it with `spu serve PRESET --set KEY=VALUE`"
             )
-        return open_tcp(spec, seed=seed, timeout=timeout, poll_s=poll_s)
+        return open_tcp(spec, seed=seed, timeout=timeout, poll_s=poll_s, token=token)
+    if token is not None:
+        raise InvalidInputError(
+            f"token applies to tcp:// devices; {spec!r} is opened in this process, where there is no link to protect"
+        )
     from .device import Device
     from .transport import InProcessTransport
 

@@ -453,6 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="microseconds to busy-poll for the next request after a reply (default 500; 0: sleep at once)",
     )
+    serve.add_argument(
+        "--token-file",
+        default=None,
+        help="file holding a shared secret (>= 16 bytes) every host must prove it holds before any command"
+        " (driver.open(url, token=...)); default $SPU_TOKEN, else none",
+    )
     serve.set_defaults(func=_serve)
     sweep = sub.add_parser(
         "sweep",
@@ -485,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     # The device side.  The CLI is the one place that starts both sides, so it imports the
     # emulator's server here, lazily; the driver package itself never does.
-    from spu_emulator.server import serve
+    from spu_emulator.server import read_token, serve
     from spu_emulator.spec import SpecError as DeviceSpecError
     from spu_emulator.spec import load_spec
 
@@ -496,7 +502,11 @@ def _serve(args: argparse.Namespace) -> int:
     except DeviceSpecError as exc:
         raise driver.SpecError(str(exc)) from None
     options = {k: v for k, v in options.items() if v is not None}
-    return serve(spec, args.host, args.port, args.seed, **options)
+    try:
+        token = read_token(args.token_file)
+    except ValueError as exc:
+        raise driver.InvalidInputError(str(exc)) from None
+    return serve(spec, args.host, args.port, args.seed, token=token, **options)
 
 
 def _show_warning(command: str, message: Warning | str, *_args: Any, **_kwargs: Any) -> None:

@@ -11,6 +11,7 @@
     +-- ProtocolError: the device answered something the driver cannot read
     +-- LinkError (also ConnectionError): a tcp:// link could not be made or dropped
         +-- LinkTimeoutError (also TimeoutError): no reply within the timeout
+        +-- AuthenticationError (also PermissionError): the token was refused, missing or not proved
 
 Every message says what was wrong, the value seen, and what to do.  A call
 that raises has changed nothing on the device (a LinkError cannot tell: the
@@ -33,6 +34,7 @@ __all__ = [
     "ProtocolError",
     "LinkError",
     "LinkTimeoutError",
+    "AuthenticationError",
 ]
 
 
@@ -88,3 +90,8 @@ class LinkError(SpuError, ConnectionError):
 
 class LinkTimeoutError(LinkError, TimeoutError):
     """The device did not answer within the timeout; the connection was dropped."""
+
+
+class AuthenticationError(LinkError, PermissionError):
+    """The tcp:// device and the host do not share a token: the device refused the host's proof, asked for
+    a token the host was not given, or could not prove it holds the host's.  Nothing ran; the link is closed."""

@@ -17,6 +17,13 @@ Polling: after sending a request the transport busy-polls for the reply for
 ``poll_s`` seconds (default ``timing.polling.host_poll_s``, 1 ms) before it sleeps
 in the kernel, so a short command's reply is taken without a wake-up, as a GPU
 driver spins on a short kernel.  ``poll_s=0`` sleeps at once.
+
+Authentication: with ``token`` (a server started with ``spu serve --token-file``) every
+connection, the first and each reconnection, opens with the handshake of protocol.yaml's
+AUTH_CHALLENGE and AUTH_RESPONSE: the host proves it holds the token with an HMAC-SHA256
+over the server's fresh nonce and its own, and checks the device's HMAC in return, so
+neither side sends the token and neither accepts a peer that lacks it.  A mismatch raises
+AuthenticationError.
 """
 
 from __future__ import annotations
@@ -30,7 +37,14 @@ from urllib.parse import urlsplit
 # through a transport only: the wire codec is the protocol's reference implementation
 from spu_emulator import wire
 
-from .errors import DeviceClosedError, InvalidInputError, LinkError, LinkTimeoutError, ProtocolError
+from .errors import (
+    AuthenticationError,
+    DeviceClosedError,
+    InvalidInputError,
+    LinkError,
+    LinkTimeoutError,
+    ProtocolError,
+)
 from .protocol import Opcode, Status
 
 __all__ = ["TcpTransport", "open_tcp", "parse_url", "DEFAULT_TIMEOUT_S"]
@@ -55,7 +69,14 @@ def parse_url(url: str) -> tuple[str, int]:
 class TcpTransport:
     """A device at the other end of a TCP connection."""
 
-    def __init__(self, host: str, port: int, timeout: float | None = None, poll_s: float | None = None):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        poll_s: float | None = None,
+        token: str | bytes | None = None,
+    ):
         if timeout is None:
             timeout = DEFAULT_TIMEOUT_S
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
@@ -65,6 +86,12 @@ class TcpTransport:
         if isinstance(poll_s, bool) or not isinstance(poll_s, (int, float)) or not 0.0 <= poll_s <= 1.0:
             raise InvalidInputError(f"poll_s must be a number of seconds in [0, 1] (0: no polling), got {poll_s!r}")
         self.poll_s = float(poll_s)
+        self._token: bytes | None = None
+        if token is not None:
+            try:
+                self._token = wire.check_token(token)
+            except ValueError as exc:
+                raise InvalidInputError(str(exc)) from None
         self.host, self.port = host, port
         self.timeout: float | None = None if math.isinf(timeout) else float(timeout)
         self._sock: socket.socket | None = None
@@ -95,6 +122,40 @@ class TcpTransport:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
         self._reader = wire.FrameReader(sock)
+        if self._token is not None:
+            try:
+                self._authenticate(self._token)
+            except BaseException:
+                self._drop()
+                raise
+
+    def _authenticate(self, token: bytes) -> None:
+        """The handshake: prove the token to the device and check its proof in return (protocol.yaml)."""
+        status, reply = self._exchange(Opcode.AUTH_CHALLENGE, None)
+        nonce = reply.get("nonce")
+        if status != Status.OK or not wire.is_nonce(nonce):
+            raise AuthenticationError(
+                f"{self.url} did not answer the authentication challenge ({reply.get('message', status)});"
+                " is it an SPU server that supports tokens?"
+            )
+        if not reply.get("required"):
+            raise AuthenticationError(
+                f"{self.url} has no token, so it cannot prove it is the device you meant; open it without token="
+                " if you trust the network to it, or start the server with --token-file"
+            )
+        host_nonce = wire.new_nonce()
+        mac = wire.auth_mac(token, wire.AUTH_HOST, nonce, host_nonce)
+        status, reply = self._exchange(Opcode.AUTH_RESPONSE, {"mac": mac, "host_nonce": host_nonce})
+        if status != Status.OK:  # UNAUTHENTICATED is raised by _exchange; anything else is a protocol breach
+            raise AuthenticationError(f"{self.url} refused the token: {reply.get('message', status)}")
+        proof = reply.get("mac")
+        if not (
+            wire.is_nonce(proof) and wire.macs_equal(proof, wire.auth_mac(token, wire.AUTH_DEVICE, nonce, host_nonce))
+        ):
+            raise AuthenticationError(
+                f"{self.url} accepted the host but could not prove it holds the same token: it is not the device"
+                " you meant (or the link is tampered with); nothing was sent to it"
+            )
 
     def _drop(self, graceful: bool = False) -> None:
         sock, self._sock = self._sock, None
@@ -154,6 +215,14 @@ class TcpTransport:
                 f"reply to {what} (request {request_id}) is for opcode {header.opcode}, request {header.request_id};"
                 " the connection was dropped"
             )
+        if status == Status.UNAUTHENTICATED:
+            self._drop()
+            hint = (
+                "the token differs from the server's"
+                if self._token is not None
+                else "pass the server's token: driver.open(url, token=...)"
+            )
+            raise AuthenticationError(f"{self.url} refused {_name(opcode)}: {reply.get('message', '')}; {hint}")
         if status == Status.BUSY:
             self._drop()  # the device closes the connection after BUSY
         elif status == Status.BAD_FRAME:
@@ -191,7 +260,13 @@ def _name(opcode: int) -> str:
         return f"opcode {opcode}"
 
 
-def open_tcp(url: str, seed: int | None = None, timeout: float | None = None, poll_s: float | None = None):
+def open_tcp(
+    url: str,
+    seed: int | None = None,
+    timeout: float | None = None,
+    poll_s: float | None = None,
+    token: str | bytes | None = None,
+):
     """``driver.open("tcp://HOST:PORT")``: a Device over a TcpTransport (see :func:`driver.open`).
 
     The device is reset on open (power-on state, noise stream restarted), as opening an
@@ -203,7 +278,7 @@ def open_tcp(url: str, seed: int | None = None, timeout: float | None = None, po
     from .device import Device
 
     host, port = parse_url(url)
-    transport = TcpTransport(host, port, timeout=timeout, poll_s=poll_s)
+    transport = TcpTransport(host, port, timeout=timeout, poll_s=poll_s, token=token)
     try:
         device = Device(transport, label=f"device at {transport.url}")
         if seed is not None and device.info.seed_entropy != str(seed):

@@ -32,6 +32,13 @@ Rules (PROTOCOL.md, "Sessions"):
 * A malformed frame never reaches the firmware: it gets a BAD_FRAME reply (and,
   after a header error, the connection is closed), so the device state is
   unchanged.
+* With a token (``token=``, ``spu serve --token-file F`` or ``$SPU_TOKEN``) the holder must
+  prove it holds the token before any command runs: AUTH_CHALLENGE gives a fresh server
+  nonce, AUTH_RESPONSE carries HMAC-SHA256(token, ...) over both sides' nonces, and the
+  server answers with its own MAC, so the host knows it reached the device it meant.  Other
+  commands before that are answered UNAUTHENTICATED without running; a wrong MAC, 4 refused
+  commands, or no success within ``frame_timeout`` s closes the connection.  Without a token,
+  a server listening beyond loopback logs and warns that any host that reaches it can use it.
 
 POSIX only (fork and socket descriptor passing).
 """
@@ -39,6 +46,7 @@ POSIX only (fork and socket descriptor passing).
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import selectors
@@ -48,15 +56,20 @@ import stat
 import threading
 import time
 import traceback
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from . import wire
 from .firmware import Firmware
-from .protocol import Status
+from .protocol import Opcode, Status
 from .spec import load_spec
 
-__all__ = ["DeviceServer", "serve"]
+__all__ = ["DeviceServer", "serve", "exposure_warning", "read_token", "TOKEN_ENV"]
+
+TOKEN_ENV = "SPU_TOKEN"
+"""Environment variable ``spu serve`` reads the token from when no --token-file is given."""
 
 log = logging.getLogger("spu_emulator.server")
 
@@ -65,6 +78,7 @@ _MESSAGE_BYTES = 4096  # control messages between the two processes
 # connections past the waiting slots: the accepting thread answers them BUSY itself, without a thread
 # each; past this many at once, more are closed on accept
 _MAX_OVERFLOW = 1024
+_MAX_UNAUTHENTICATED = 4  # commands refused before authentication, then the connection is closed
 
 
 class DeviceServer:
@@ -78,6 +92,9 @@ class DeviceServer:
     max_connections: hosts waiting for their BUSY answer (or for the device) on a thread each; up to
     1,024 more are answered BUSY by the accepting thread (their first request's header read as it
     arrives, without waiting for the device to be freed); only past those is a connection closed.
+    token: the shared secret (str or bytes, at least 16 bytes) a holder must prove it holds before
+    any command runs (see the module docstring); None: no handshake, and a warning (logged and
+    ``warnings.warn``) when the listening address is not loopback.
 
     The firmware object passed in is copied into the device process when the server is
     made: query the device through the protocol, not through that object.  Use as a
@@ -96,6 +113,7 @@ class DeviceServer:
         idle_timeout: float | None = wire.TIMING.idle_timeout_s,
         poll_s: float = wire.TIMING.device_poll_s,
         max_connections: int = 16,
+        token: str | bytes | None = None,
     ):
         if not hasattr(os, "fork") or not hasattr(socket, "send_fds"):
             raise RuntimeError("the device server needs POSIX fork and socket descriptor passing")
@@ -106,6 +124,7 @@ class DeviceServer:
             raise ValueError(f"idle_timeout must be a positive number of seconds or None, got {idle_timeout!r}")
         if not 0.0 <= poll_s <= 1.0:
             raise ValueError(f"poll_s must be between 0 and 1 s, got {poll_s!r}")
+        self._token = None if token is None else wire.check_token(token)
         self.spec = firmware.spec
         self.frame_timeout = frame_timeout
         self.busy_timeout = busy_timeout
@@ -114,13 +133,17 @@ class DeviceServer:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.create_server((host, port), family=family)
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
+        exposed = exposure_warning(self.address[0], self._token is not None)
+        if exposed:
+            log.warning("%s", exposed)
+            warnings.warn(exposed, UserWarning, stacklevel=2)
         self._control, device_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:  # the device process: never returns
             code = 1
             try:
                 _leave_front_behind(keep=device_end.fileno())
-                _DeviceProcess(firmware, device_end, frame_timeout, idle_timeout, poll_s).run()
+                _DeviceProcess(firmware, device_end, frame_timeout, idle_timeout, poll_s, self._token).run()
                 code = 0
             except BaseException:
                 traceback.print_exc()
@@ -146,6 +169,11 @@ class DeviceServer:
     def url(self) -> str:
         host, port = self.address
         return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+    @property
+    def authenticated(self) -> bool:
+        """True when holders must prove the token before any command runs."""
+        return self._token is not None
 
     @property
     def holder(self) -> str | None:
@@ -290,13 +318,14 @@ class DeviceServer:
         header_bytes += data
         if len(header_bytes) < wire.HEADER.size:
             return
+        holder = self._holder if self._token is None else "another host"  # not named to a stranger
         try:
             header = wire.parse_header(header_bytes)
             frame = wire.error_frame(
                 header.opcode,
                 header.request_id,
                 Status.BUSY,
-                f"{self.spec.name} at {self.url} is held by {self._holder} (one host at a time;"
+                f"{self.spec.name} at {self.url} is held by {holder} (one host at a time;"
                 f" {self.max_connections} hosts are waiting already)",
             )
             reason = "answered BUSY (waiting slots full)"
@@ -350,7 +379,7 @@ class DeviceServer:
                 if ready and self._holder is None and not self._stop.is_set():
                     handed = True  # the device process has it now, or _hand_over closed it
                     self._hand_over(sock, name, " (freed while it waited)")
-                holder = self._holder
+                holder = self._holder if self._token is None else "another host"
             if handed:
                 return
             drain = True  # the host's frame is not read further: let the answer reach it before closing
@@ -441,12 +470,14 @@ class _DeviceProcess:
         frame_timeout: float,
         idle_timeout: float | None,
         poll_s: float,
+        token: bytes | None = None,
     ):
         self.firmware = firmware
         self.control = control
         self.frame_timeout = frame_timeout
         self.idle_timeout = idle_timeout
         self.poll_s = poll_s
+        self.token = token
 
     def run(self) -> None:
         while True:
@@ -463,7 +494,7 @@ class _DeviceProcess:
             sock = socket.socket(fileno=fds[0])
             requests, reason = 0, "device error"
             try:
-                requests, reason = self.serve(sock)
+                requests, reason = self.serve(sock, message[6:].decode(errors="replace"))
             finally:
                 if reason.startswith("bad frame"):  # unread bytes may follow: let the error reply arrive
                     wire.close_gracefully(sock, min(1.0, self.frame_timeout))
@@ -475,17 +506,25 @@ class _DeviceProcess:
             except OSError:
                 return
 
-    def serve(self, sock: socket.socket) -> tuple[int, str]:
+    def serve(self, sock: socket.socket, name: str = "") -> tuple[int, str]:
         """Serve one host until its connection ends; returns (requests executed, why it ended)."""
         reader = wire.FrameReader(sock)
         requests = 0
+        handshake = _Handshake(self.token)
+        # a host that has not authenticated gets frame_timeout s in all to do so, not the idle timeout
+        auth_deadline = time.monotonic() + self.frame_timeout
         try:
             while True:
+                wait = self.idle_timeout
+                if not handshake.done:
+                    wait = max(0.0, auth_deadline - time.monotonic())
                 try:
-                    header, payload = reader.read(self.idle_timeout, self.frame_timeout, self.poll_s)
+                    header, payload = reader.read(wait, self.frame_timeout, self.poll_s)
                 except wire.LinkClosed as exc:
                     return requests, ("stopped mid-frame: " + str(exc)) if exc.mid_frame else "closed by the host"
                 except wire.LinkTimeout as exc:
+                    if not exc.mid_frame and not handshake.done:
+                        return requests, f"not authenticated within {self.frame_timeout:g} s"
                     return requests, ("stalled mid-frame: " if exc.mid_frame else "idle: ") + str(exc)
                 except wire.FrameError as exc:
                     wire.send_frame(sock, wire.frame_error_reply(exc), self.frame_timeout)
@@ -493,9 +532,21 @@ class _DeviceProcess:
                 try:
                     request = wire.open_frame(header, payload, wire.REQUEST)
                 except wire.FrameError as exc:
-                    wire.send_frame(sock, wire.frame_error_reply(exc, header.opcode), self.frame_timeout)
+                    wire.send_frame(sock, wire.frame_error_reply(exc), self.frame_timeout)
                     continue  # read whole: the stream is still in step
                 del payload  # the request's arrays are views of it; the firmware copies what it keeps
+                if header.opcode in (Opcode.AUTH_CHALLENGE, Opcode.AUTH_RESPONSE):
+                    frame, failed = handshake.answer(header, request)
+                    wire.send_frame(sock, frame, self.frame_timeout)
+                    if failed:
+                        log.warning("connection from %s: %s", name or "a host", failed)
+                        return requests, failed
+                    continue
+                if not handshake.done:
+                    wire.send_frame(sock, handshake.refusal(header), self.frame_timeout)
+                    if handshake.refused >= _MAX_UNAUTHENTICATED:
+                        return requests, f"{handshake.refused} commands before authentication"
+                    continue
                 requests += 1
                 wire.send_frame(sock, self._execute(header, request), self.frame_timeout)
         except OSError as exc:
@@ -514,6 +565,89 @@ class _DeviceProcess:
             return wire.error_frame(header.opcode, header.request_id, Status.INTERNAL, f"reply not encodable: {exc}")
 
 
+class _Handshake:
+    """The shared-secret handshake of one connection (AUTH_CHALLENGE, AUTH_RESPONSE; protocol.yaml).
+
+    ``done`` once the host has proved it holds the token (at once when the server has none)."""
+
+    def __init__(self, token: bytes | None):
+        self.token = token
+        self.done = token is None
+        self.nonce: str | None = None
+        self.refused = 0
+
+    def answer(self, header: wire.Header, request: dict[str, Any]) -> tuple[bytes, str]:
+        """The reply frame to an AUTH_* request, and why the connection must close ("" if it need not)."""
+        if header.opcode == Opcode.AUTH_CHALLENGE:
+            self.nonce = wire.new_nonce()
+            reply = {"nonce": self.nonce, "required": self.token is not None}
+            return wire.encode_frame(wire.REPLY, header.opcode, Status.OK, header.request_id, reply), ""
+        if self.token is None:
+            message = "this server has no token, so there is nothing to prove: send commands directly"
+            return wire.error_frame(header.opcode, header.request_id, Status.BAD_STATE, message), ""
+        mac, host_nonce = request.get("mac"), request.get("host_nonce")
+        if self.nonce is None:
+            why = "AUTH_RESPONSE before AUTH_CHALLENGE"
+        elif not (wire.is_nonce(mac) and wire.is_nonce(host_nonce)):
+            why = "AUTH_RESPONSE needs mac and host_nonce, 64 hex digits each"
+        elif not wire.macs_equal(mac, wire.auth_mac(self.token, wire.AUTH_HOST, self.nonce, host_nonce)):
+            why = "the MAC does not match this server's token"
+        else:
+            self.done = True
+            proof = wire.auth_mac(self.token, wire.AUTH_DEVICE, self.nonce, host_nonce)
+            self.nonce = None  # one response per challenge
+            return wire.encode_frame(wire.REPLY, header.opcode, Status.OK, header.request_id, {"mac": proof}), ""
+        self.nonce = None
+        message = f"authentication failed: {why}; pass the server's token (token= in driver.open); connection closed"
+        return wire.error_frame(header.opcode, header.request_id, Status.UNAUTHENTICATED, message), why
+
+    def refusal(self, header: wire.Header) -> bytes:
+        """The UNAUTHENTICATED reply to a command sent before the handshake; the command does not run."""
+        self.refused += 1
+        message = (
+            f"opcode {header.opcode} refused: this server requires a token and the connection has not proved it"
+            " (AUTH_CHALLENGE, then AUTH_RESPONSE); pass token= to driver.open, the token of `spu serve --token-file`"
+        )
+        return wire.error_frame(header.opcode, header.request_id, Status.UNAUTHENTICATED, message)
+
+
+def exposure_warning(host: str, has_token: bool) -> str:
+    """The warning for a server listening on ``host`` (an address) with no token, or "" when there is
+    nothing to warn of (a loopback address, or a token set)."""
+    if has_token:
+        return ""
+    try:
+        loopback = ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:  # a name: only "localhost" is known to stay on this machine
+        loopback = host == "localhost"
+    if loopback:
+        return ""
+    return (
+        f"serving on {host}, beyond loopback, without a token: any host that can reach this port can load,"
+        " run and read the device; start it with --token-file F (or $SPU_TOKEN), or serve on 127.0.0.1"
+    )
+
+
+def read_token(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> bytes | None:
+    """The token of ``spu serve``: the contents of the file at ``path`` (whitespace at either end removed),
+    else ``$SPU_TOKEN``, else None.  Raises ValueError for an unreadable file or a token under 16 bytes.
+    Logs a warning when the file can be read by other users (as ssh does for a key)."""
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = path.read_bytes()
+            mode = path.stat().st_mode
+        except OSError as exc:
+            raise ValueError(f"token file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning("token file %s can be read by other users: chmod 600 it", path)
+        return wire.check_token(raw, f"the token in {str(path)!r}")
+    value = (os.environ if environ is None else environ).get(TOKEN_ENV)
+    if value:
+        return wire.check_token(value, f"${TOKEN_ENV}")
+    return None
+
+
 def _peer_name(peer: Any) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         host, port = peer[0], peer[1]
@@ -530,6 +664,7 @@ def serve(
     frame_timeout: float = wire.TIMING.frame_timeout_s,
     idle_timeout: float | None = wire.TIMING.idle_timeout_s,
     poll_s: float = wire.TIMING.device_poll_s,
+    token: str | bytes | None = None,
 ) -> int:
     """Serve one emulated device until SIGINT or SIGTERM (``spu serve``); returns 0, or 1 if
     the device process failed.
@@ -546,6 +681,7 @@ def serve(
         frame_timeout=frame_timeout,
         idle_timeout=idle_timeout,
         poll_s=poll_s,
+        token=token,
     )
 
     def stop(signum: int, _frame: Any) -> None:
@@ -556,6 +692,8 @@ def serve(
     try:
         seed_text = "fresh entropy" if seed is None else f"seed {seed}"
         log.info("serving %s (%s, %s) on %s", server.spec.name, server.spec.cells.kind, seed_text, server.url)
+        if server.authenticated:
+            log.info("a token is required: hosts must prove it before any command")
         server.serve_forever()
     finally:
         server.shutdown()

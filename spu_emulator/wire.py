@@ -34,7 +34,10 @@ buffer is).  CRC-32 runs at about 3 GB/s.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
+import secrets
 import socket
 import struct
 import time
@@ -75,6 +78,12 @@ __all__ = [
     "FrameReader",
     "send_frame",
     "close_gracefully",
+    "MIN_TOKEN_BYTES",
+    "check_token",
+    "new_nonce",
+    "is_nonce",
+    "auth_mac",
+    "macs_equal",
 ]
 
 PROTOCOL: dict[str, Any] = read_yaml((SPEC_DIR / "protocol.yaml").read_text())
@@ -164,14 +173,16 @@ class FrameError(Exception):
 
     code: the frame_errors code (None for a frame that stopped short, which gets no
     reply); closes: the byte stream can no longer be trusted, so the connection must
-    close after the error reply; request_id: the request's id when the header could
-    be read, else 0.
+    close after the error reply; opcode, request_id: the request's when its header
+    was readable (magic, version and header CRC good: TOO_LONG and every error after
+    the header), else 0 (PROTOCOL.md, "Replies to bad frames").
     """
 
-    def __init__(self, message: str, code: FrameErrorCode | None, request_id: int = 0):
+    def __init__(self, message: str, code: FrameErrorCode | None, request_id: int = 0, opcode: int = 0):
         super().__init__(message)
         self.code = code
         self.request_id = request_id
+        self.opcode = opcode
 
     @property
     def closes(self) -> bool:
@@ -436,8 +447,10 @@ def error_frame(opcode: int, request_id: int, status: int, message: str, **field
     return encode_frame(REPLY, opcode, status, request_id, {"message": message, **fields})
 
 
-def frame_error_reply(error: FrameError, opcode: int = 0) -> bytes:
-    """The BAD_FRAME reply to a frame that broke the protocol."""
+def frame_error_reply(error: FrameError, opcode: int | None = None) -> bytes:
+    """The BAD_FRAME reply to a frame that broke the protocol; it repeats the request's opcode and
+    request_id when its header was readable (``error.opcode``, ``error.request_id``), else 0."""
+    opcode = error.opcode if opcode is None else opcode
     return error_frame(opcode, error.request_id, Status.BAD_FRAME, str(error), error=int(error.code))
 
 
@@ -465,6 +478,7 @@ def parse_header(raw: bytes | bytearray | memoryview) -> Header:
             f"payload_length {header.payload_length} is over the limit of {LIMITS.max_payload_bytes} bytes",
             FrameErrorCode.TOO_LONG,
             header.request_id,
+            header.opcode,
         )
     return header
 
@@ -478,15 +492,19 @@ def open_frame(header: Header, payload: bytes | bytearray | memoryview, kind: in
             f"expected a {expected} frame; got kind {header.kind}, status {header.status}, reserved {header.reserved}",
             FrameErrorCode.BAD_KIND,
             header.request_id,
+            header.opcode,
         )
     if zlib.crc32(payload) != header.payload_crc32:
         raise FrameError(
-            "payload checksum does not match: the payload was corrupted", FrameErrorCode.BAD_PAYLOAD_CHECKSUM
+            "payload checksum does not match: the payload was corrupted",
+            FrameErrorCode.BAD_PAYLOAD_CHECKSUM,
+            header.request_id,
+            header.opcode,
         )
     try:
         return decode_payload(payload)
     except FrameError as exc:
-        exc.request_id = header.request_id
+        exc.request_id, exc.opcode = header.request_id, header.opcode
         raise
 
 
@@ -498,9 +516,11 @@ def decode_frame(data: bytes | bytearray | memoryview, kind: int = REQUEST) -> t
     header = parse_header(data)
     end = HEADER.size + header.payload_length
     if len(data) < end:
-        raise FrameError(f"frame stops after {len(data)} of its {end} bytes", None, header.request_id)
+        raise FrameError(f"frame stops after {len(data)} of its {end} bytes", None, header.request_id, header.opcode)
     if len(data) > end:
-        raise FrameError(f"{len(data) - end} bytes follow the frame", FrameErrorCode.BAD_PAYLOAD, header.request_id)
+        raise FrameError(
+            f"{len(data) - end} bytes follow the frame", FrameErrorCode.BAD_PAYLOAD, header.request_id, header.opcode
+        )
     return header, open_frame(header, memoryview(data)[HEADER.size : end], kind)
 
 
@@ -647,3 +667,58 @@ def close_gracefully(sock: socket.socket, limit_s: float | None) -> None:
 def _set_timeout(sock: socket.socket, timeout: float | None) -> None:
     if sock.gettimeout() != timeout:  # settimeout costs two fcntl calls even when nothing changes
         sock.settimeout(timeout)
+
+
+# -- the shared-secret handshake (AUTH_CHALLENGE / AUTH_RESPONSE) ---------------------------------
+
+MIN_TOKEN_BYTES = 16
+"""A token shorter than this (128 bits) is refused: it could be guessed."""
+AUTH_HOST = b"SPUW-auth-host"  # the two roles' MACs differ, so one side's proof cannot be reflected as the other's
+AUTH_DEVICE = b"SPUW-auth-device"
+_NONCE_HEX = 64
+
+
+def check_token(token: str | bytes | bytearray, where: str = "token") -> bytes:
+    """The token as bytes (a str as UTF-8), with surrounding whitespace removed (a file's newline).
+
+    Raises ValueError for another type, or fewer than MIN_TOKEN_BYTES bytes."""
+    if isinstance(token, str):
+        token = token.encode("utf-8")
+    if not isinstance(token, (bytes, bytearray)):
+        raise ValueError(f"{where} must be a str or bytes, got {type(token).__name__}")
+    token = bytes(token).strip()
+    if len(token) < MIN_TOKEN_BYTES:
+        raise ValueError(
+            f"{where} is {len(token)} bytes; it must be at least {MIN_TOKEN_BYTES} so it cannot be guessed:"
+            " make one with  python -c 'import secrets; print(secrets.token_hex(32))'"
+        )
+    return token
+
+
+def new_nonce() -> str:
+    """32 fresh random bytes from the OS's CSPRNG, as 64 lowercase hex digits."""
+    return secrets.token_hex(_NONCE_HEX // 2)
+
+
+def is_nonce(value: Any) -> bool:
+    """True for a str of 64 hex digits (the form of a nonce and of a MAC)."""
+    if not isinstance(value, str) or len(value) != _NONCE_HEX:
+        return False
+    try:
+        bytes.fromhex(value)
+    except ValueError:
+        return False
+    return True
+
+
+def auth_mac(token: bytes, role: bytes, nonce: str, host_nonce: str) -> str:
+    """HMAC-SHA256(token, role + nonce + host_nonce) as 64 hex digits; role is AUTH_HOST or AUTH_DEVICE.
+
+    Both nonces enter, so a recorded exchange cannot be replayed (the server draws a fresh nonce per
+    connection) and a device's proof cannot be replayed to a host (the host draws its own)."""
+    return hmac.new(token, role + nonce.encode("ascii") + host_nonce.encode("ascii"), hashlib.sha256).hexdigest()
+
+
+def macs_equal(a: str, b: str) -> bool:
+    """Compare two MACs in constant time (a timing side channel would leak a valid MAC byte by byte)."""
+    return hmac.compare_digest(a.encode("ascii", "replace"), b.encode("ascii", "replace"))
