@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import driver
 from driver.protocol import Opcode, Status
-from spu_emulator import firmware
+from spu_emulator import engines
 from spu_emulator.spec import SPEC_DIR
 
 
@@ -44,7 +44,7 @@ def test_the_firmware_never_stores_a_non_finite_state(monkeypatch):
         def broken(model, state, fixed_point, *args):
             return np.full_like(state, np.nan), np.full_like(state, np.nan), 1
 
-        monkeypatch.setattr(firmware, "propagate", broken)
+        monkeypatch.setattr(engines, "propagate", broken)
         with pytest.raises(driver.DeviceInternalError, match="non-finite state, so it was discarded"):
             dev.run(t=10.0, engine="exact")
         assert isinstance(driver.DeviceInternalError("x"), driver.SpuError)

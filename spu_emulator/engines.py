@@ -1,0 +1,344 @@
+"""The two engines and the choice between them.
+
+``Engines`` is the part of :class:`~spu_emulator.firmware.Firmware` that runs the programmed array:
+the transient integrator (numba; every effect, rails and ADC included), the exact linear engine
+(in distribution, with no cost in t; ``spu_emulator.exact``), and the safety analysis that lets
+``auto`` take the exact engine only when no nonlinear effect can act in the run
+(:meth:`Engines._linear_is_safe`).  It reads the device state kept by ``Firmware``: ``_matrix``,
+``_oscillator``, ``_force``, ``_state``, ``_momentum``, ``_rng``, ``spec`` and ``parts``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _kernels, _oscillator
+from .arrays import ProgrammedGGN
+from .converters import code_max
+from .exact import LinearModel, LowRankModel, prepare, prepare_ggn, propagate, window
+from .payload import _Refused
+from .protocol import Engine, OnSaturation, Status
+from .recording import _Record
+from .timing import run_time
+
+_UNSTABLE = (
+    "the drift is unstable (an eigenvalue of C^-1 a has a non-positive real part), so the array would run"
+    " away: the matrix is not positive definite; the run was not started"
+)
+
+
+# fit_factor aims the equilibrium at this fraction of the smaller of the rails and the ADC range
+_FIT_FILL = 0.7
+
+
+class Engines:
+    """The run half of :class:`~spu_emulator.firmware.Firmware` (a mixin)."""
+
+    def _adc_lsb(self) -> float:
+        adc = self.spec.adc
+        return adc.range_v / code_max(adc.bits) if adc.bits > 0 else 0.0
+
+    def _run_transient(self, t: float, burn_in: float, on_saturation: int, record: _Record | None = None):
+        matrix = self._matrix
+        n = matrix.n
+        record = record if record is not None else _Record.off(n)
+        period = 1.0 / self.spec.adc.sample_rate
+        # RC: the fastest decay rate ||C^-1 a||; oscillator: the fastest resonance (BAOAB's O step is exact)
+        rate = self._oscillator.omega_max if self._lc else matrix.drift_norm
+        dt_max = self.spec.integrator.step_factor / rate if rate > 0 else period
+        steps_per_sample = max(1, math.ceil(period / dt_max - 1e-9))
+        dt = period / steps_per_sample
+        n_steps = max(1, round(t / dt))
+        m0 = window(t, burn_in, period)[0]
+        first_sample_step = (m0 + 1) * steps_per_sample
+        record.check_window(n_steps // steps_per_sample - m0, period)
+        adc = self.spec.adc
+        rail = self.spec.rails.v_rail if self.spec.rails.enabled else 0.0
+
+        state = self._phase_state()
+        acc = np.zeros(n)
+        adc_args = (
+            rail,
+            self.parts.adc_gain[:n],
+            self.parts.adc_offset_v[:n],
+            adc.noise_v,
+            self._adc_lsb(),
+            float(code_max(adc.bits)),
+            self._rng,
+            acc,
+            np.empty(n),
+            record.cov_acc,
+            record.snapshots,
+            record.stride,
+        )
+        rng_before = self._rng.bit_generator.state
+        if self._lc:
+            lc = self._oscillator
+            steps, samples, saturated, clipped, runaway = _oscillator._run_lc(
+                lc.conductance,
+                self._force,
+                lc.inv_mass,
+                lc.friction_rate,
+                lc.momentum_sd,
+                state[:n],  # views: the kernel updates x and p of the phase state in place
+                state[n:],
+                dt,
+                n_steps,
+                steps_per_sample,
+                first_sample_step,
+                *adc_args,
+            )
+        elif isinstance(matrix, ProgrammedGGN):
+            steps, samples, saturated, clipped, runaway = _kernels._run_ggn(
+                matrix.j,
+                matrix.h,
+                matrix.jt,
+                matrix.damping,
+                matrix.inv_c,
+                self._force,
+                matrix.noise_sd,
+                state,
+                dt,
+                n_steps,
+                steps_per_sample,
+                first_sample_step,
+                *adc_args,
+                np.empty(matrix.m),
+                np.empty(matrix.m),
+            )
+        else:
+            steps, samples, saturated, clipped, runaway = _kernels._run_rc(
+                matrix.drift,
+                self._force,
+                matrix.noise_sd,
+                state,
+                dt,
+                n_steps,
+                steps_per_sample,
+                first_sample_step,
+                *adc_args,
+            )
+        report = {
+            "analog_time": n_steps * dt,
+            "steps": int(steps),
+            "dt": dt,
+            "samples": int(samples),
+            "engine": int(Engine.transient),
+            "saturated": int(bool(saturated)),
+            "adc_clipped": int(clipped),
+            "runaway": int(bool(runaway)),
+            "hardware_time": run_time(self.spec, n_steps * dt),
+        }
+        if runaway or (saturated and on_saturation == OnSaturation["raise"]):
+            self._rng.bit_generator.state = rng_before
+            if runaway:
+                why = (
+                    f"the array ran away (|V| above {_kernels.RUNAWAY_V:g} V after {steps} of {n_steps} steps):"
+                    " the drift is unstable, so the matrix is not positive definite"
+                )
+            else:
+                why = (
+                    f"a node hit the rails at +-{rail:g} V: the matrix may not be positive definite,"
+                    " or the solution is beyond the rails for this input"
+                )
+            # a rail-limited run can be kept with on_saturation=flag; a run-away cannot
+            fit = {} if runaway else self._fit_factor()
+            raise _Refused(
+                Status.SATURATED, why + "; the run was discarded", keepable=int(not runaway), **fit, **report
+            )
+        return report, state, acc, int(samples)
+
+    def _linear_model(self) -> LinearModel | LowRankModel | None:
+        """The exact engine's model of the programmed array, made once per array; None when there is
+        none (a GGN array with mismatch, or with cells that differ: ``_linear_why`` says which)."""
+        matrix = self._matrix
+        if self._linear_for is not matrix or (self._linear is None and not self._linear_why):
+            self._linear, self._linear_why = None, ""
+            if self._lc:  # the 2n phase state (x, p); its drift is never symmetric, so the general form
+                self._linear = prepare(self._oscillator.drift, self._oscillator.noise_sd)
+            elif isinstance(matrix, ProgrammedGGN):
+                if matrix.jt is not matrix.j:
+                    self._linear_why = (
+                        "its J and J^T arrays are separate parts with element mismatch, so its drift is not"
+                        " symmetric, and the general exact form would need the N x N drift"
+                    )
+                else:
+                    self._linear, self._linear_why = prepare_ggn(
+                        matrix.j, matrix.h, matrix.damping, matrix.inv_c, matrix.noise_sd, matrix.column_norms
+                    )
+            else:
+                self._linear = prepare(matrix.drift, matrix.noise_sd)
+            self._linear_for = matrix
+        return self._linear
+
+    def _phase_state(self) -> np.ndarray:
+        """A copy of the dynamical state of the programmed cells: V (n,) for RC cells, (x, p) (2n,) for oscillators."""
+        n = self._matrix.n
+        if self._lc:
+            return np.concatenate([self._state[:n], self._momentum[:n]])
+        return self._state[:n].copy()
+
+    def _phase_force(self) -> np.ndarray:
+        """The drive of the exact engine's form, (n,) or (2n,) like :meth:`_phase_state`."""
+        return self._oscillator.phase_force(self._force) if self._lc else self._force
+
+    def _store_state(self, state: np.ndarray) -> None:
+        n = self._matrix.n
+        self._state[:n] = state[:n]
+        if self._lc:
+            self._momentum[:n] = state[n:]
+
+    def _linear_is_safe(self, t: float, burn_in: float) -> bool:
+        """True when the exact engine is exact for a run (t, burn_in) from the present state.
+
+        The array must be stable and contractive (so the mean path stays within
+        e^{-mu s} |V(0) - V*| of V*; an oscillator array, which is not contractive, is bounded by
+        ``OscillatorArray.reach`` instead); every node must stay z standard deviations inside the
+        rails for the whole run, and inside the ADC's full scale from the first conversion of the
+        window on, with z from a union bound over cells and correlation times at probability 1e-9;
+        and a quantised ADC must be dithered by at least half an LSB of fresh noise per sample.
+        The mean path is bounded first in O(n), then, if that bound is too loose, cell by cell
+        (``LinearModel.reach(tight=True)``).
+        """
+        model = self._linear_model()
+        if model is None or not (model.stable and (model.contractive or self._lc)):
+            return False
+        n = self._matrix.n
+        looks = 2.0 * n * (1.0 + t * model.rate_max)
+        z = max(6.0, math.sqrt(2.0 * math.log(looks / 1e-9)))
+        limits = self._reach_limits(model, z)
+        if limits is None:
+            return False
+        rail_limit, adc_limit = limits
+        period = 1.0 / self.spec.adc.sample_rate
+        m0, m1 = window(t, burn_in, period)
+        checks = []  # (from which time, limit)
+        if rail_limit is not None:
+            checks.append((0.0, rail_limit))
+        if adc_limit is not None and m1 > m0:  # the ADC only converts in the window
+            checks.append(((m0 + 1) * period, adc_limit))
+        target = model.fixed_point(self._phase_force())
+        if self._lc:  # an oscillator overshoots: bound its mean path by a Lyapunov level set instead
+            reach = self._oscillator.reach(self._phase_state(), target)
+            return reach is not None and not any(np.any(reach >= limit) for _, limit in checks)
+        state = self._state[:n]
+        return not any(
+            np.any(model.reach(state, target, start, stop=t) >= limit)
+            and np.any(model.reach(state, target, start, tight=True, stop=t) >= limit)
+            for start, limit in checks
+        )
+
+    def _reach_limits(
+        self, model: LinearModel | LowRankModel, z: float
+    ) -> tuple[np.ndarray | None, np.ndarray | None] | None:
+        """Per cell, the reach of the mean path that leaves z stationary standard deviations inside the
+        rails, and inside the ADC's full scale (gain |g|, offset o: |g| (reach + z spread) + |o| < range),
+        volts (n,) each, None where there are no rails or the ADC is ideal; None in all when the ADC is not
+        dithered, whatever the reach.  Depends on the model and z only, so it is kept for the model's
+        lifetime: a loop of equal runs pays O(n) per run."""
+        if self._limits_for is not model or len(self._limits) >= 64:  # 64: runs of many lengths
+            self._limits_for, self._limits = model, {}
+        if z in self._limits:
+            return self._limits[z]
+        n = self._matrix.n
+        stationary_var = model.stationary_var_upper()[:n]  # of the node voltages (x of an oscillator's (x, p))
+        rail_limit = adc_limit = None
+        if self.spec.rails.enabled:
+            rail_limit = self.spec.rails.v_rail - z * np.sqrt(stationary_var)
+        adc = self.spec.adc
+        if adc.bits > 0:
+            fresh = model.fresh_var_lower(1.0 / adc.sample_rate)[:n] + adc.noise_v**2
+            if np.any(np.sqrt(fresh) < 0.5 * self._adc_lsb()):
+                self._limits[z] = None
+                return None
+            spread = np.sqrt(stationary_var + adc.noise_v**2)
+            with np.errstate(divide="ignore"):
+                span = (adc.range_v - np.abs(self.parts.adc_offset_v[:n])) / np.abs(self.parts.adc_gain[:n])
+            adc_limit = span - z * spread
+        self._limits[z] = rail_limit, adc_limit
+        return self._limits[z]
+
+    def _refuse_clipped_equilibrium(self, model: LinearModel, target: np.ndarray) -> None:
+        """The exact engine has no rails and no ADC full scale: refuse when the equilibrium itself
+        (V* plus 3 stationary standard deviations) lies beyond either, since its answer would be impossible."""
+        n = target.shape[0]
+        reach = np.abs(target) + 3.0 * np.sqrt(model.stationary_var_upper()[:n])
+        limits = []
+        if self.spec.rails.enabled:
+            limits.append(("the rails", self.spec.rails.v_rail, reach))
+        if self.spec.adc.bits > 0:
+            seen = np.abs(self.parts.adc_gain[:n]) * reach + np.abs(self.parts.adc_offset_v[:n])
+            limits.append(("the ADC full scale", self.spec.adc.range_v, seen))
+        for what, limit, level in limits:
+            worst = int(np.argmax(level))
+            if level[worst] >= limit:
+                raise _Refused(
+                    Status.SATURATED,
+                    f"the exact engine cannot model clipping, and the equilibrium of cell {worst} reaches"
+                    f" {level[worst]:.3g} V, beyond {what} at {limit:g} V; scale b down, or use"
+                    " engine='transient' to run into the limit",
+                    **self._fit_factor(),
+                )
+
+    def _fit_factor(self) -> dict[str, float]:
+        """{"fit_factor": f}: the input scaled down by f puts the equilibrium at 70 % of the smaller of the
+        rails and the ADC range (f = max |V*| / (0.7 limit)); {} without a stable linear model.  O(n^2)."""
+        model = self._linear_model()
+        limits = [self.spec.rails.v_rail] if self.spec.rails.enabled else []
+        if self.spec.adc.bits > 0:
+            limits.append(self.spec.adc.range_v)
+        if model is None or not model.stable or not limits:
+            return {}
+        n = self._matrix.n
+        level = float(np.abs(model.fixed_point(self._phase_force())[:n]).max())
+        return {"fit_factor": level / (_FIT_FILL * min(limits))} if level > 0.0 else {}
+
+    def _run_exact(self, t: float, burn_in: float):
+        model = self._linear_model()
+        if model is None:
+            raise _Refused(
+                Status.BAD_ARGUMENT,
+                f"engine 'exact' cannot run this GGN array: {self._linear_why}; run it with engine 'transient'"
+                " (or 'auto', which then takes it)",
+            )
+        if not model.stable:
+            raise _Refused(Status.SATURATED, _UNSTABLE, runaway=1)
+        n = self._matrix.n
+        adc = self.spec.adc
+        target = model.fixed_point(self._phase_force())
+        self._refuse_clipped_equilibrium(model, target[:n])
+        mean_v, final, count = propagate(
+            model,
+            self._phase_state(),
+            target,
+            t,
+            burn_in,
+            1.0 / adc.sample_rate,
+            self._rng,
+        )
+        mean_v = mean_v[:n]  # the ADCs see the node voltages only
+        gain, offset = self.parts.adc_gain[:n], self.parts.adc_offset_v[:n]
+        acc = np.zeros(n)
+        if count:
+            if adc.noise_v > 0.0:
+                mean_v = mean_v + adc.noise_v / math.sqrt(count) * self._rng.standard_normal(n)
+            mean_code = gain * mean_v + offset
+            lsb = self._adc_lsb()
+            if lsb > 0.0:
+                # rounding as independent uniform errors of one LSB: variance 1/12 code^2 per sample
+                mean_code = mean_code / lsb + math.sqrt(1.0 / (12.0 * count)) * self._rng.standard_normal(n)
+            acc = mean_code * count
+        report = {
+            "analog_time": t,
+            "steps": 0,
+            "dt": 0.0,
+            "samples": count,
+            "engine": int(Engine.exact),
+            "saturated": 0,
+            "adc_clipped": 0,
+            "runaway": 0,
+            "hardware_time": run_time(self.spec, t),
+        }
+        return report, final, acc, count
