@@ -19,6 +19,7 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse.linalg
 
+from ._blas import fixed_threads
 from .ggn import GGN
 
 __all__ = ["SettlingWarning", "smallest_eigenvalue", "slowest_rate", "equilibrium_bound", "settling", "auto_t"]
@@ -37,8 +38,12 @@ def smallest_eigenvalue(matrix: np.ndarray | GGN) -> float:
     (and exact when N > m).  Cost O(n^3) up to 256, O(k n^2) above, O(1) for a GGN."""
     if isinstance(matrix, GGN):
         return matrix.damping
-    n = matrix.shape[0]
-    symmetric = 0.5 * (matrix + matrix.T)
+    with fixed_threads():  # one BLAS thread: lambda_min sets the input scale, so its bits must not vary
+        return _smallest_eigenvalue(0.5 * (matrix + matrix.T))
+
+
+def _smallest_eigenvalue(symmetric: np.ndarray) -> float:
+    n = symmetric.shape[0]
     if n <= EXACT_UP_TO:
         return float(scipy.linalg.eigvalsh(symmetric, subset_by_index=[0, 0])[0])
     start = np.random.default_rng(0).standard_normal(n)

@@ -34,8 +34,10 @@ class InProcessTransport:
     ):
         # the one place the driver touches the emulator: through its firmware entry point
         from spu_emulator import Firmware
+        from spu_emulator.blas import fixed_threads
 
         self._firmware = Firmware(_load(spec, overrides), seed=seed)
+        self._fixed_threads = fixed_threads
 
     @property
     def firmware(self):
@@ -43,7 +45,8 @@ class InProcessTransport:
         return self._firmware
 
     def request(self, opcode: int, payload: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
-        return self._firmware.handle(opcode, payload)
+        with self._fixed_threads():  # the device's BLAS on a fixed thread count: the bits do not depend on ours
+            return self._firmware.handle(opcode, payload)
 
     def close(self) -> None:
         self._firmware = None

@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from . import wire
+from .blas import fixed_threads
 from .firmware import Firmware
 from .protocol import Opcode, Status
 from .spec import load_spec
@@ -554,7 +555,8 @@ class _DeviceProcess:
 
     def _execute(self, header: wire.Header, request: dict[str, Any]) -> bytes:
         try:
-            status, reply = self.firmware.handle(header.opcode, request)
+            with fixed_threads():
+                status, reply = self.firmware.handle(header.opcode, request)
         except Exception as exc:  # the firmware answers refusals itself; anything else is a bug
             log.exception("firmware failed on opcode %d", header.opcode)
             status, reply = Status.INTERNAL, {"message": f"internal error in the device: {type(exc).__name__}: {exc}"}

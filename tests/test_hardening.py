@@ -154,3 +154,72 @@ def test_a_spec_nested_too_deeply_is_refused(tmp_path):
     path.write_text("spec_version: 1\nname: deep\ndescription: " + "[" * 5000 + "]" * 5000 + "\n")
     with pytest.raises(driver.SpecError, match="nested too deeply"):
         driver.open(path)
+
+
+# -- determinism across BLAS thread counts -----------------------------------------------------------------
+
+_BLAS_SCRIPT = """
+import hashlib, json
+import numpy as np
+import driver
+
+def digest(x):
+    return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
+
+rng = np.random.default_rng(7)
+out = {}
+with driver.open("tngd-sim", seed=0) as dev:
+    n = 256  # the sizes where OpenBLAS on 1 and on 2 threads rounded differently (issue 13)
+    q = rng.standard_normal((n, n))
+    A = np.einsum("ik,jk->ij", q, q) / n + np.eye(n)  # einsum, not @: this script's own input must not vary
+    dev.load_matrix(A)
+    dev.load_vector(rng.standard_normal(n) * 0.1, scale="auto")
+    out["dense_engine"] = dev.run(t=50.0, burn_in=25.0).engine
+    out["dense"] = digest(dev.read_mean())
+    m, big = 256, 2048
+    J = rng.standard_normal((m, big)) / np.sqrt(big)
+    dev.load_matrix(driver.GGN(J, np.eye(m), damping=1.0))
+    dev.load_vector(rng.standard_normal(big) * 0.1, scale="auto")
+    out["ggn_engine"] = dev.run(t=20.0, burn_in=10.0).engine
+    out["ggn"] = digest(dev.read_mean())
+print(json.dumps(out))
+"""
+
+
+def test_results_do_not_depend_on_the_blas_thread_count():
+    """The same calls under OPENBLAS_NUM_THREADS=1 and 2 give the same bits (both failed before the
+    emulator and the host's lambda_min ran their LAPACK on one thread)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    results = []
+    for threads in ("1", "2"):
+        env = dict(os.environ, OPENBLAS_NUM_THREADS=threads, OMP_NUM_THREADS=threads, PYTHONWARNINGS="ignore")
+        env.pop("SPU_EMULATOR_BLAS_THREADS", None)
+        done = subprocess.run(
+            [sys.executable, "-c", _BLAS_SCRIPT], env=env, capture_output=True, text=True, timeout=300, check=False
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert results[0]["dense_engine"] == results[0]["ggn_engine"] == "exact"
+    assert results[0] == results[1]
+
+
+def test_the_fixed_blas_thread_count_is_restored_after_each_command():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from spu_emulator import blas
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
+        with blas.fixed_threads():
+            inside = [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
+            with blas.fixed_threads():  # nested: still fixed, and the outer exit restores
+                pass
+            again = [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
+        after = [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
+    assert before and set(before) == {2}
+    assert set(inside) == set(again) == {blas.BLAS_THREADS} == {1}
+    assert after == before
