@@ -58,6 +58,7 @@ class Firmware(ArrayProgramming, Engines, Readout):
             Opcode.READ_COV: self._read_cov,
             Opcode.READ_SAMPLES: self._read_samples,
             Opcode.SET_NOISE: self._set_noise,
+            Opcode.SET_DAMPING: self._set_damping,
         }
         self._power_on()
 
@@ -80,6 +81,8 @@ class Firmware(ArrayProgramming, Engines, Readout):
         self._momentum = np.zeros(self.spec.cells.count)  # inductor flux p of oscillator cells
         self._oscillator: OscillatorArray | None = None
         self._kappa0 = self.spec.noise.kappa0  # SET_NOISE changes it until the next RESET
+        if self._lc:  # SET_DAMPING changes the damping resistors until the next RESET: redraw the spec's
+            self.oscillator_parts = draw_oscillator_parts(self.spec, self._seed)
         self._cov_acc: np.ndarray | None = None  # sum of code code^T over the last run, if it recorded
         self._snapshots: np.ndarray | None = None  # (k, n) codes of the last run, if it recorded
         self._matrix: ProgrammedMatrix | None = None
@@ -285,3 +288,28 @@ class Firmware(ArrayProgramming, Engines, Readout):
             self._oscillator = self._program_oscillator()
             self._linear = None
         return {"kappa0": kappa0}
+
+    def _set_damping(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """Programme every oscillator cell's damping resistor: nominal damping (R_d C0 / tau) within the spec's
+        [oscillator.damping_min, damping_max], each cell keeping its own mismatch factor; until RESET."""
+        damping = _number(payload, "damping")
+        osc = self.spec.oscillator
+        if not self._lc or osc.damping_max <= 0.0:
+            why = "its damping resistors are fixed (oscillator.damping_max = 0)" if self._lc else "it has RC cells"
+            raise _Refused(
+                Status.BAD_ARGUMENT,
+                f"{self.spec.name} has no programmable damping: {why}; use an oscillator device whose spec"
+                " gives oscillator.damping_max > 0 (e.g. spu-8-lc)",
+            )
+        if not (damping > 0.0 and osc.damping_min <= damping <= osc.damping_max):
+            raise _Refused(
+                Status.BAD_ARGUMENT,
+                f"damping = {damping!r} is outside [{osc.damping_min:g}, {osc.damping_max:g}] (and must be > 0),"
+                " the range of the damping resistors (oscillator.damping_min, damping_max)",
+            )
+        drawn = draw_oscillator_parts(self.spec, self._seed).damping  # the realised resistors at the spec's damping
+        self.oscillator_parts = dataclasses.replace(self.oscillator_parts, damping=drawn * (damping / osc.damping))
+        if self._matrix is not None:  # re-derive the programmed oscillator array
+            self._oscillator = self._program_oscillator()
+            self._linear = None
+        return {"damping": damping}

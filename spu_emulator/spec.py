@@ -111,6 +111,8 @@ class Oscillator:
     inductance_mismatch: float = 0.0
     damping: float = 2.0
     damping_mismatch: float = 0.0
+    damping_min: float = 0.0
+    damping_max: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -354,6 +356,13 @@ def spec_from_mapping(data: Any, source: str = "<mapping>") -> DeviceSpec:
         raise SpecError(
             f"{source}: field noise.kappa0 = {noise['kappa0']!r} is above noise.kappa0_max = {noise['kappa0_max']!r},"
             " the full scale of the noise source; raise kappa0_max or lower kappa0"
+        )
+    osc = values["oscillator"]
+    if osc["damping_max"] > 0.0 and not osc["damping_min"] <= osc["damping"] <= osc["damping_max"]:
+        raise SpecError(
+            f"{source}: field oscillator.damping = {osc['damping']!r} is outside [oscillator.damping_min,"
+            f" damping_max] = [{osc['damping_min']!r}, {osc['damping_max']!r}], the range SET_DAMPING programmes;"
+            " widen the range or change damping"
         )
     sections = {key: cls(**values[key]) for key, cls in _SECTIONS.items()}
     top = {k: v for k, v in values.items() if k not in _SECTIONS}

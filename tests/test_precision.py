@@ -203,3 +203,44 @@ def test_readme_refinement_numbers(capsys):
             )
     table = np.array(rows)
     assert np.all(table[:, 2] <= 1e-10) and np.all(table[:, 3] <= 15)
+
+
+# -- programmable damping (SET_DAMPING, issue 16 item 4) ------------------------------------------------------
+def _set_damping(dev, damping):
+    from driver.protocol import Opcode
+
+    return dev.transport.request(int(Opcode.SET_DAMPING), {"damping": damping})
+
+
+def test_set_damping_scales_every_cell_and_reset_restores_it():
+    from driver.protocol import Status
+
+    with driver.open("spu-8-lc", seed=3) as dev:
+        firmware = dev.transport.firmware
+        drawn = firmware.oscillator_parts.damping.copy()
+        nominal = dev.info.spec["oscillator"]["damping"]
+        status, reply = _set_damping(dev, 0.25)
+        assert status == Status.OK and reply["damping"] == 0.25
+        # each cell keeps its own mismatch factor: the realised resistors scale by 0.25 / nominal
+        np.testing.assert_allclose(firmware.oscillator_parts.damping, drawn * 0.25 / nominal, rtol=1e-15)
+        dev.reset()
+        np.testing.assert_array_equal(firmware.oscillator_parts.damping, drawn)
+
+
+@pytest.mark.parametrize("spec, damping", [("spu-8-lc", 0.0), ("spu-8-lc", -1.0), ("spu-8-lc", 4.5), ("spu-8", 1.0)])
+def test_set_damping_outside_the_spec_is_refused_and_changes_nothing(spec, damping):
+    from driver.protocol import Status
+
+    with driver.open(spec, seed=0) as dev:
+        firmware = dev.transport.firmware
+        before = None if firmware.oscillator_parts is None else firmware.oscillator_parts.damping.copy()
+        status, reply = _set_damping(dev, damping)
+        assert status == Status.BAD_ARGUMENT
+        assert "damping" in reply["message"]
+        if before is not None:
+            np.testing.assert_array_equal(firmware.oscillator_parts.damping, before)
+
+
+def test_spec_refuses_a_damping_outside_its_programmable_range():
+    with pytest.raises(driver.SpecError, match="oscillator.damping"):
+        driver.open("spu-8-lc", overrides={"oscillator.damping": 5.0})
