@@ -485,7 +485,40 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
     sweep.add_argument("--quiet", action="store_true", help="no progress on stderr")
     sweep.set_defaults(func=_sweep)
+
+    conformance = sub.add_parser(
+        "conformance",
+        help="check a device at tcp://HOST:PORT against the wire protocol (firmware_spec/PROTOCOL.md)",
+        description="Replay firmware_spec/vectors/ and a behavioural suite against any server that speaks the"
+        " protocol; print a pass/fail table with the PROTOCOL.md section of each check.  Exit 0: all passed;"
+        " 1: some failed (or the device could not be reached); 2: the command line was wrong.",
+        epilog=_CONFORMANCE_EPILOG,
+        formatter_class=raw,
+    )
+    conformance.add_argument("url", metavar="tcp://HOST:PORT", help="the device (spu serve PRESET, or a board)")
+    conformance.add_argument("--json", action="store_true", help="print one JSON object (keys below) instead of text")
+    conformance.add_argument(
+        "--vectors", metavar="DIR", default=None, help="the vector folder (default firmware_spec/vectors)"
+    )
+    conformance.add_argument(
+        "--timeout", type=_positive_time, default=30.0, help="seconds to wait for each reply (default 30)"
+    )
+    conformance.set_defaults(func=_conformance)
     return parser
+
+
+_CONFORMANCE_EPILOG = """\
+--json prints one JSON object: url, passed, failed (counts), checks (a list of
+  {name, section, passed, detail})."""
+
+
+def _conformance(args: argparse.Namespace) -> int:
+    from . import conformance  # the raw-frame checker loads only for this command
+
+    # a malformed address or vector folder raises InvalidInputError (exit 2), an unreachable device LinkError (1)
+    checks = conformance.run(args.url, vectors=args.vectors, timeout=args.timeout)
+    print(conformance.to_json(checks, args.url) if args.json else conformance.format_table(checks, args.url))
+    return 0 if all(check.passed for check in checks) else 1
 
 
 def _serve(args: argparse.Namespace) -> int:

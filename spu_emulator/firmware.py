@@ -28,6 +28,14 @@ from .readout import Readout
 from .recording import _Record
 from .spec import DeviceSpec
 from .timing import load_ggn_time, load_matrix_time, load_vector_time
+from .wire import PROTOCOL as _WIRE_PROTOCOL
+
+# the request fields of each command (protocol.yaml ``commands``): any other field is refused
+_REQUEST_FIELDS: dict[int, frozenset[str]] = {
+    int(Opcode[name]): frozenset(command["request"])
+    for name, command in _WIRE_PROTOCOL["commands"].items()
+    if name in Opcode.__members__
+}
 
 __all__ = ["Firmware", "ProgrammedMatrix", "ProgrammedGGN", "K_BOLTZMANN"]
 
@@ -68,8 +76,17 @@ class Firmware(ArrayProgramming, Engines, Readout):
         handler = self._handlers.get(opcode)
         if handler is None:
             return Status.UNKNOWN_OPCODE, {"message": f"unknown opcode {opcode!r}"}
+        payload = payload or {}
+        allowed = _REQUEST_FIELDS.get(opcode)
+        if allowed is not None and not allowed.issuperset(payload):
+            # refused, not ignored: a misspelt or newer option must not be dropped silently (PROTOCOL.md)
+            unknown = ", ".join(repr(name) for name in payload if name not in allowed)
+            known = ", ".join(sorted(allowed)) or "none"
+            return Status.BAD_ARGUMENT, {
+                "message": f"{Opcode(opcode).name} has no request field {unknown} (its fields: {known}); remove it"
+            }
         try:
-            return Status.OK, handler(payload or {})
+            return Status.OK, handler(payload)
         except _Refused as refusal:
             return refusal.status, {"message": str(refusal), **refusal.extra}
 
