@@ -147,6 +147,10 @@ def _vector(spec: DeviceSpec, n: int = 2) -> np.ndarray:
     return _codes(np.resize(_B, n), spec.dac.bits, spec.dac.range_v)
 
 
+def _mid_damping(spec: DeviceSpec) -> float:
+    return 0.5 * (spec.oscillator.damping_min + spec.oscillator.damping_max)
+
+
 def _run_time(spec: DeviceSpec) -> float:
     """A run long enough to settle (A's slowest mode decays as e^-0.75 t) and take a few hundred conversions."""
     return float(max(20.0, 200.0 / spec.adc.sample_rate))
@@ -793,6 +797,29 @@ CASES: tuple[Case, ...] = (
             Step("RESET"),
         ),
         applies=lambda s: s.noise.kappa0_max > 0,
+    ),
+    Case(
+        "set_damping",
+        "Commands / SET_DAMPING",
+        "SET_DAMPING to the middle of [oscillator.damping_min, damping_max], a run, then RESET restores it",
+        (
+            Step("RESET"),
+            Step("SET_DAMPING", lambda s: {"damping": _mid_damping(s)}, values=("damping",)),
+            *_ran()[1:],
+            Step("RESET"),
+        ),
+        applies=lambda s: s.cells.kind == "oscillator" and s.oscillator.damping_max > 0,
+    ),
+    Case(
+        "set_damping_refused",
+        "Implementing a device / refusals",
+        "SET_DAMPING out of range, or on a device without programmable damping: BAD_ARGUMENT",
+        (
+            Step("RESET"),
+            Step("SET_DAMPING", lambda s: {"damping": 2 * s.oscillator.damping_max + 1}, "BAD_ARGUMENT"),
+            Step("SET_DAMPING", {"damping": 0.0}, "BAD_ARGUMENT"),
+            Step("STATUS"),
+        ),
     ),
     Case(
         "set_noise_over_max",
