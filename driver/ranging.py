@@ -22,7 +22,15 @@ import scipy.sparse.linalg
 from ._blas import fixed_threads
 from .ggn import GGN
 
-__all__ = ["SettlingWarning", "smallest_eigenvalue", "slowest_rate", "equilibrium_bound", "settling", "auto_t"]
+__all__ = [
+    "SettlingWarning",
+    "smallest_eigenvalue",
+    "slowest_rate",
+    "equilibrium_bound",
+    "settling",
+    "auto_t",
+    "input_scale",
+]
 
 EXACT_UP_TO = 256  # eigvalsh below this size (O(n^3), under a millisecond); Lanczos above, O(k n^2)
 SETTLED = 0.01  # read_mean warns when the transient left at burn_in is above this fraction
@@ -96,3 +104,23 @@ def warn_unsettled(left: float, burn_in: float, rate: float) -> None:
             ),
             stacklevel=3,
         )
+
+
+_AUTO_FILL = 0.7  # load_vector(scale="auto") aims the bound of the equilibrium at this fraction of the limit
+
+
+def input_scale(b: np.ndarray, lambda_min: float, matrix_scale: float, info: Any) -> float:
+    """The input scale of ``load_vector(b, scale="auto")``: user units of b per DAC volt.
+
+    The equilibrium V* = (s_A / s_b) A^-1 b (volts) is bounded by (s_A / s_b) |b|_2 / lambda_min(A)
+    (:func:`equilibrium_bound`); s_b puts that bound at 70 % of the smaller of the rails and the ADC
+    range (``info``: a DeviceInfo), and never below the DAC's own limit max|b| / dac_range_v.  O(n).
+    """
+    limits = [info.rail_v] if info.rail_v is not None else []
+    if info.adc_bits > 0:
+        limits.append(info.adc_range_v)
+    dac = float(np.abs(b).max()) / info.dac_range_v
+    if not limits:
+        return dac if dac > 0.0 else 1.0
+    needed = matrix_scale * equilibrium_bound(b, lambda_min) / (_AUTO_FILL * min(limits))
+    return max(needed, dac) if max(needed, dac) > 0.0 else 1.0
