@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.linalg
 
-__all__ = ["LinearModel", "LowRankModel", "prepare", "prepare_ggn", "propagate", "window"]
+__all__ = ["LinearModel", "LowRankModel", "prepare", "prepare_ggn", "propagate", "propagate_lagged", "window"]
 
 
 @dataclass(frozen=True)
@@ -317,6 +317,162 @@ def propagate(
     return mean, fixed_point + final, count
 
 
+def propagate_lagged(
+    model: LinearModel,
+    state: np.ndarray,
+    fixed_point: np.ndarray,
+    t: float,
+    burn_in: float,
+    period: float,
+    lags: np.ndarray,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+    """As :func:`propagate`, plus the window's lagged sums, for the modal form around V* = 0.
+
+    sums[l] = sum_{k=1}^{K-L} V_{k+L} V_k^T, L = lags[l], over the K samples of the window (volts^2),
+    drawn in closed form at a cost that does not depend on K (RUN's record_lags on the exact engine).
+    In the eigenbasis of M the modes are independent AR(1) sequences y_i(k) = phi_i y_i(k-1) + noise,
+    phi_i = e^{-r_i period}, stationary variance sigma_i^2 = s^2 / (2 r_i).  Given the modes a at the
+    window's start, the mean is exact:
+
+        E[T^L_ij] = a_i a_j phi_i^L G(phi_i phi_j, N) + [i = j] sigma_i^2 phi_i^L (N - G(phi_i^2, N)),
+
+    N = K - L, G(rho, N) = sum_{k=1}^N rho^k.  By Isserlis' theorem only the entries (i, j) and (j, i)
+    of the lags are correlated, with the stationary covariances (N = the smaller pair count)
+
+        Cov(T^L_ij, T^L'_ij) = sigma_i^2 sigma_j^2 N S(phi_i, phi_j, |L - L'|),
+        Cov(T^L_ij, T^L'_ji) = sigma_i^2 sigma_j^2 N S(phi_i, phi_j, L + L'),
+        S(r1, r2, c) = sum_{d in Z} r1^|d| r2^|d + c|,
+
+    (for i = j the two terms add), so the sums are drawn as a Gaussian with that mean and covariance,
+    pair by pair, and rotated back, sums[l] = W T^L W^T.  Approximations, both of relative size
+    tau_c / (K period) (tau_c the slowest correlation time): the covariance is the stationary one,
+    and the sums' correlation with the window mean and the final state (nonzero only through the
+    start's offset a) is left out; the shape is the central limit's (a window of many tau_c).
+    Draw order: as :func:`propagate`, then one normal per variable of each pair i < j in row-major
+    order (2q per pair, 2q - 1 when lag 0 is among the q lags), then q per mode.
+    Cost O(n^3 q + n^2 q^3 + n^2 max(lags)), independent of K.
+    """
+    if model.form != "modal":
+        raise ValueError("propagate_lagged needs the modal form")
+    m0, m1 = window(t, burn_in, period)
+    count = m1 - m0
+    head = m0 * period
+    tail = max(0.0, t - m1 * period if count else t - head)
+    start: list[np.ndarray] = []
+    total, final = _propagate_modal(model, state - fixed_point, head, count, period, tail, rng, start)
+    mean = fixed_point + total / count if count else fixed_point.copy()
+    sums = _lagged_sums_modal(model, start[0], period, count, np.asarray(lags, dtype=np.int64), rng)
+    return mean, fixed_point + final, count, sums
+
+
+def _geometric(x: np.ndarray, count: int) -> np.ndarray:
+    """G(e^-x, N) = sum_{k=1}^N e^{-x k}, accurate for small x (N for x = 0)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        value = np.exp(-x) * np.expm1(-x * count) / np.expm1(-x)
+    return np.where(x > 0.0, value, float(count))
+
+
+def _pair_sum(x1: np.ndarray, x2: np.ndarray, c: int) -> np.ndarray:
+    """S(e^-x1, e^-x2, c) = sum_{d in Z} e^{-x1 |d|} e^{-x2 |d + c|} for c >= 0 (symmetric in x1, x2; even in c).
+
+    d >= 0 gives r2^c / (1 - r1 r2); d < -c gives r1^(c+1) r2 / (1 - r1 r2); -c <= d < 0 gives
+    sum_{e=1}^c r1^e r2^(c-e), summed term by term (c is a lag: small), so no cancellation."""
+    both = -np.expm1(-(x1 + x2))  # 1 - r1 r2
+    value = (np.exp(-x2 * c) + np.exp(-x1 * (c + 1) - x2)) / both
+    for e in range(1, c + 1):
+        value = value + np.exp(-x1 * e - x2 * (c - e))
+    return value
+
+
+def _weighted_tail(x1: np.ndarray, x2: np.ndarray, b1: int, b2: int) -> np.ndarray:
+    """H = sum_{e >= 1} e e^{-x1 |e + b1|} e^{-x2 |e + b2|}: the terms below e0 = max(1, -b1, -b2) one by one,
+    the rest, e^{-x1 b1 - x2 b2} sum_{e >= e0} e R^e with R = e^{-(x1 + x2)}, in closed form."""
+    e0 = max(1, -b1, -b2)
+    value = np.zeros(np.broadcast(x1, x2).shape)
+    for e in range(1, e0):
+        value = value + e * np.exp(-x1 * abs(e + b1) - x2 * abs(e + b2))
+    rate = x1 + x2
+    one_minus = -np.expm1(-rate)  # 1 - R
+    tail = np.exp(-rate * e0) * (e0 * one_minus + np.exp(-rate)) / one_minus**2
+    return value + np.exp(-x1 * b1 - x2 * b2) * tail
+
+
+def _window_pair_sum(x1: np.ndarray, x2: np.ndarray, c1: int, c2: int, n1: int, n2: int) -> np.ndarray:
+    """F = sum_{k=1}^{n1} sum_{k'=1}^{n2} e^{-x1 |k - k' + c1|} e^{-x2 |k - k' + c2|}, the finite-window sum.
+
+    With d = k - k', the pairs with that d number m(d) = n1 - relu(n1 - n2 - d) - relu(d) while |d| is below
+    the windows (beyond them the terms are below e^{-x n}, which the caller keeps negligible), so
+    F = n1 S(|c1 - c2|) - H(c1, c2) - H(-(delta + c1), -(delta + c2)), delta = n1 - n2 (:func:`_weighted_tail`)."""
+    delta = n1 - n2
+    full = n1 * _pair_sum(x1, x2, abs(c1 - c2)) if c1 >= c2 else n1 * _pair_sum(x2, x1, abs(c1 - c2))
+    return full - _weighted_tail(x1, x2, c1, c2) - _weighted_tail(x1, x2, -(delta + c1), -(delta + c2))
+
+
+def _lagged_sums_modal(model, a, period, count, lags, rng):
+    """The lagged sums of a modal model's window from the modes a at its start (see propagate_lagged)."""
+    lam = model.rates
+    n = lam.shape[0]
+    q = lags.shape[0]
+    x = lam * period  # phi = e^-x
+    s2 = model.noise_level**2
+    var = s2 / (2.0 * lam)  # sigma_i^2
+    pairs = np.maximum(count - lags, 0)
+    means = np.empty((q, n, n))
+    outer = np.outer(a, a)
+    for which, lag in enumerate(lags):
+        pairs_l = int(pairs[which])
+        means[which] = np.exp(-x * lag)[:, None] * outer * _geometric(x[:, None] + x[None, :], pairs_l)
+        means[which][np.diag_indices(n)] += var * np.exp(-x * lag) * (pairs_l - _geometric(2.0 * x, pairs_l))
+    if s2 <= 0.0 or count == 0:
+        return np.einsum("ik,lkm,jm->lij", model.modes, means, model.modes)
+    # the variables of a pair i < j: (lag, orientation) with orientation 0 for T_ij, 1 for T_ji; lag 0 once
+    variables = [(int(lag), o) for lag in lags for o in ((0,) if lag == 0 else (0, 1))]
+    rows, cols = np.triu_indices(n, 1)
+    xi, xj = x[rows], x[cols]
+    scale = var[rows] * var[cols]
+    v = len(variables)
+    cov = np.empty((rows.shape[0], v, v))
+    for p, (lag_p, o_p) in enumerate(variables):
+        for r, (lag_r, o_r) in enumerate(variables[: p + 1]):
+            # Cov(T^L_ij, T^L'_ij) = sigma_i^2 sigma_j^2 F(x_i, x_j, L - L', 0); T^L'_ji instead: F(., ., L, -L')
+            first, second = (xi, xj) if o_p == 0 else (xj, xi)
+            c2 = 0 if o_p == o_r else -lag_r
+            c1 = lag_p - lag_r if o_p == o_r else lag_p
+            n_p, n_r = int(pairs[list(lags).index(lag_p)]), int(pairs[list(lags).index(lag_r)])
+            cov[:, p, r] = cov[:, r, p] = scale * _window_pair_sum(first, second, c1, c2, n_p, n_r)
+    draws = np.einsum("pab,pb->pa", _batched_root(cov), rng.standard_normal((rows.shape[0], v)))
+    # the diagonal: Cov(T^L_ii, T^L'_ii) = sigma_i^4 N [S(|L - L'|) + S(L + L')]
+    diagonal = np.empty((n, q, q))
+    for p, lag_p in enumerate(lags):
+        for r, lag_r in enumerate(lags[: p + 1]):
+            lag_p, lag_r, n_p, n_r = int(lag_p), int(lag_r), int(pairs[p]), int(pairs[r])
+            both = _window_pair_sum(x, x, lag_p - lag_r, 0, n_p, n_r) + _window_pair_sum(x, x, lag_p, -lag_r, n_p, n_r)
+            diagonal[:, p, r] = diagonal[:, r, p] = var**2 * both
+    diagonal_draws = np.einsum("iab,ib->ia", _batched_root(diagonal), rng.standard_normal((n, q)))
+    sums = means
+    for p, (lag, orientation) in enumerate(variables):
+        which = list(lags).index(lag)
+        if orientation == 0:
+            sums[which][rows, cols] += draws[:, p]
+            if lag == 0:
+                sums[which][cols, rows] += draws[:, p]
+        else:
+            sums[which][cols, rows] += draws[:, p]
+    for which in range(q):
+        sums[which][np.diag_indices(n)] += diagonal_draws[:, which]
+    return np.einsum("ik,lkm,jm->lij", model.modes, sums, model.modes)
+
+
+def _batched_root(cov: np.ndarray) -> np.ndarray:
+    """R (..., v, v) with R R^T = cov for a stack of covariances (eigh where Cholesky fails)."""
+    try:
+        return np.linalg.cholesky(cov)
+    except np.linalg.LinAlgError:
+        values, vectors = np.linalg.eigh(cov)
+        return vectors * np.sqrt(np.clip(values, 0.0, None))[..., None, :]
+
+
 def _hop_coefficients(lam, s2, h):
     """Scalar OU of rates lam over a time h: y -> decay y + sd z.  sd is None without noise."""
     decay = np.exp(-lam * h)
@@ -358,7 +514,9 @@ def _scalar_window(memo, lam, s2, period, count):
     return _memoised(memo, ("window", period, count), lambda: _window_coefficients(lam, s2, period, count))
 
 
-def _propagate_modal(model, d0, head, count, period, tail, rng):
+def _propagate_modal(model, d0, head, count, period, tail, rng, start=None):
+    """Draw order: n normals for the head hop, 2n for the window, n for the tail hop (none without
+    noise).  ``start``, a list: the modal deviation y at the window's start is appended to it."""
     lam = model.rates
     s2 = model.noise_level**2
     y = model.modes.T @ d0
@@ -368,6 +526,8 @@ def _propagate_modal(model, d0, head, count, period, tail, rng):
         return decay * y + sd * rng.standard_normal(lam.shape[0]) if s2 > 0.0 else decay * y
 
     y = hop(y, head)
+    if start is not None:
+        start.append(y.copy())
     total = np.zeros_like(y)
     if count:
         mean_sum, mean_last, l11, l21, l22 = _scalar_window(model._memo, lam, s2, period, count)
