@@ -40,6 +40,11 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return lines + [""]
 
 
+def _repeats(error: Mapping[str, Any]) -> str:
+    """Whether the reply to a frame error repeats the request's header fields (protocol.yaml ``readable``)."""
+    return "yes" if error.get("readable", True) else "no: opcode and request_id 0"
+
+
 def _codes(title: str, section: Mapping[str, int]) -> list[str]:
     return [f"### {title}", ""] + _table(["name", "code"], [(f"`{name}`", code) for name, code in section.items()])
 
@@ -121,9 +126,24 @@ def render(doc: Mapping[str, Any] | None = None) -> str:
     out += _codes("Status codes", doc["status"])
     out += ["### Frame errors (the `error` field of a BAD_FRAME reply)", ""]
     out += _table(
-        ["name", "code", "closes the connection", "meaning"],
-        [(f"`{name}`", e["code"], "yes" if e["closes"] else "no", e["doc"]) for name, e in doc["frame_errors"].items()],
+        ["name", "code", "closes the connection", "reply repeats opcode, request_id", "meaning"],
+        [
+            (
+                f"`{name}`",
+                e["code"],
+                "yes" if e["closes"] else "no",
+                _repeats(e),
+                e["doc"],
+            )
+            for name, e in doc["frame_errors"].items()
+        ],
     )
+    if "rules" in doc:
+        out += ["### Rules (normative)", ""]
+        out += ["MUST, SHOULD and MAY as in RFC 2119.", ""]
+        for name, text in doc["rules"].items():
+            out += [f'- <a id="rule-{name.replace("_", "-")}"></a>**{name}**: {" ".join(text.split())}']
+        out += [""]
     out += _codes("Engines (RUN `engine`)", doc["engines"])
     out += _codes("On saturation (RUN `on_saturation`)", doc["on_saturation"])
     out += _codes("Status bits (STATUS `word`)", doc["status_bits"])
