@@ -20,6 +20,7 @@ __all__ = ["solve", "inv", "sample_gaussian", "SamplingReport", "RefinementRepor
 # after a step down, aim the largest node voltage at this fraction of the ADC range
 _TARGET_FILL = 0.7
 _STEP_DOWN = 4.0
+_RAISE_BELOW = 0.9  # a clean answer below this fraction of the aim is run once more at the aim
 _MAX_TRIES = 8
 
 
@@ -45,10 +46,11 @@ def solve(
     t = 2 ln(1 / tol) / r, so that the burn-in leaves tol (default 1e-3) of the initial
     offset (r from ``driver.ranging``: exact eigenvalues up to n = 256, Lanczos above).
 
-    Auto-ranging, as on a bench instrument: b starts at the DAC's full scale; if a
-    node hits a rail or the ADC clips, b is driven at a quarter of that amplitude
-    and the run repeated (up to 8 runs); after a step down the input is raised
-    once so the answer fills about 70 % of the ADC range.  B of shape (n, k): A is
+    Auto-ranging, as on a bench instrument: b starts at the level that keeps the bound
+    |b|_2 / lambda_min(A) of the answer within 70 % of the ADC range and rails (so the exact
+    engine can take the run); if a node hits a rail or the ADC clips anyway, b is driven at a
+    quarter of that amplitude and the run repeated (up to 8 runs); a clean answer below 63 % of
+    the ADC range is run once more with the input raised so it fills about 70 %.  B of shape (n, k): A is
     loaded once and each column ranged and run in turn; the result is (n, k).
     ``return_report`` also returns the RunReport of the run whose mean is returned
     (a list of k for B).  Raises SaturationError when no input level runs cleanly
@@ -115,9 +117,19 @@ def _auto_time(dev: Device, A: np.ndarray, matrix_scale: float, tol: Any) -> flo
 def _solve_column(
     dev: Device, b: np.ndarray, t: float, burn_in: float, matrix_scale: float
 ) -> tuple[np.ndarray, RunReport]:
-    """The auto-ranged solve of one right-hand side on the loaded A."""
-    natural = dev.load_vector(b).scale
-    fraction = 1.0
+    """The auto-ranged solve of one right-hand side on the loaded A.
+
+    The first run drives b at the scale ``load_vector(b, scale="auto")`` picks from the bound
+    |A^-1 b| <= |b|_2 / lambda_min (the equilibrium within 70 % of the ADC range and rails, so "auto"
+    can usually prove the run free of clipping and draw it exactly); an indefinite A starts at the
+    DAC's full scale and saturates, as it must.  A clipped run is repeated at a quarter of the input;
+    a clean answer that fills less than 63 % of the ADC range (90 % of the 70 % aim) is run once more
+    with the input raised to fill about 70 % (never beyond the DAC's full scale)."""
+    floor = float(np.abs(b).max()) / dev.info.dac_range_v  # the DAC's full scale: no smaller input scale
+    try:
+        scale = dev.load_vector(b, scale="auto").scale
+    except InvalidInputError:  # not positive definite: no equilibrium to range for
+        scale = dev.load_vector(b).scale
     raised = False
     best: tuple[np.ndarray, RunReport] | None = None
     for _ in range(_MAX_TRIES):
@@ -125,24 +137,23 @@ def _solve_column(
         if report.saturated or report.adc_clipped:
             if raised:
                 break  # the level before the raise was clean: keep its answer
-            fraction /= _STEP_DOWN
-            dev.load_vector(b, scale=natural / fraction)
+            scale *= _STEP_DOWN
+            dev.load_vector(b, scale=scale)
             continue
         x = dev.read_mean()
         best = (x, report)
-        volts = float(np.abs(x).max()) * matrix_scale / (natural / fraction)
-        fill = volts / dev.info.adc_range_v
-        if fraction < 1.0 and not raised and 0.0 < fill < 0.5 * _TARGET_FILL:
-            fraction = min(1.0, fraction * _TARGET_FILL / fill)
+        fill = float(np.abs(x).max()) * matrix_scale / scale / dev.info.adc_range_v
+        if not raised and 0.0 < fill < _RAISE_BELOW * _TARGET_FILL and scale > floor:
+            scale = max(floor, scale * fill / _TARGET_FILL)
             raised = True
-            dev.load_vector(b, scale=natural / fraction)
+            dev.load_vector(b, scale=scale)
             continue
         break
     if best is None:
         raise SaturationError(
-            f"the array saturated at every input level down to {fraction:.2g} of full scale;"
+            f"the array saturated at every input level down to {floor / scale:.2g} of the DAC's full scale;"
             " A is probably not positive definite (check its eigenvalues).  The device now holds A and b"
-            f" (b at {fraction:.2g} of the DAC's full scale) and the state of the last, discarded run"
+            f" (b at {floor / scale:.2g} of the DAC's full scale) and the state of the last, discarded run"
         )
     return best
 

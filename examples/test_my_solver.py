@@ -21,7 +21,7 @@ mismatch, capacitor tolerance, converter resolution), but the error contracts by
 3. ``test_adc_width_where_refinement_misses_its_tolerance``: hypothesis searches the ADC width
    (``driver.testing.device_specs``) for one where the refined solve misses its tolerance; shrinking
    toward the preset's 12 bits makes the counterexample the widest failing width, so the test learns
-   where the algorithm breaks (3 bits on spu-8, seed 0) and checks it is below the 8 bits we build for.
+   where the algorithm breaks (4 bits on spu-8, seed 0) and checks it is below the 8 bits we build for.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def test_refinement_gains_a_factor_of_ten(spu_device):
 def test_adc_width_where_refinement_misses_its_tolerance():
     """The same check as a hypothesis search over ADC widths 2..16 on spu-8 (device seed fixed, so
     each width's answer is deterministic).  As a ``@given`` test it would fail and print
-    ``Falsifying example: ...(spec=SpecVariant('spu-8', overrides={'adc.bits': 3}))``; ``find``
+    ``Falsifying example: ...(spec=SpecVariant('spu-8', overrides={'adc.bits': 4}))``; ``find``
     returns that shrunk counterexample instead, so this test can print it and reason about it."""
     A, b, x_true = problem()
 

@@ -314,7 +314,7 @@ def test_the_example_runs_its_three_tests_and_finds_the_adc_width(pytester):
     tolerance fails on some devices and the relative property holds."""
     result = pytester.runpytest_subprocess(*_ARGS, str(EXAMPLE), "-rA")
     result.assert_outcomes(passed=12)
-    result.stdout.fnmatch_lines(["shrunk counterexample: SpecVariant('spu-8', overrides={'adc.bits': 3})*"])
+    result.stdout.fnmatch_lines(["shrunk counterexample: SpecVariant('spu-8', overrides={'adc.bits': 4})*"])
     assert "test_my_solver.py::test_refined_solve_meets_its_tolerance[spu-8-lc-seed2]" in result.stdout.str()
     tight = ("--spu-set", "coupling.mismatch=0.05", "--spu-set", "adc.bits=8", "-k", "not adc_width")
     result = pytester.runpytest(*_ARGS, str(EXAMPLE), *tight)
