@@ -38,6 +38,7 @@ except PackageNotFoundError:  # a source tree on sys.path, never installed
 
 if TYPE_CHECKING:
     from . import linalg, ngd, tngd
+    from .calibration import Calibration, calibrate
     from .device import CallRecord, Device, DeviceInfo, DeviceStatus, DeviceTime, LoadReport, RunReport
     from .ggn import GGN
     from .ranging import SettlingWarning
@@ -57,6 +58,8 @@ _LAZY = {
     "sweep": "sweeps",
     "TNGD": "tngd",
     "SettlingWarning": "ranging",
+    "calibrate": "calibration",
+    "Calibration": "calibration",
     "InProcessTransport": "transport",
 }
 # submodules that `import driver` used to import, still reachable as attributes (driver.codes, ...)
@@ -68,6 +71,9 @@ _SUBMODULES = {
     "ngd",
     "protocol",
     "ranging",
+    "calibration",
+    "mitigation",
+    "precision",
     "sampling",
     "sweeps",
     "tngd",
@@ -106,6 +112,8 @@ __all__ = [
     "TNGD",
     "sweep",
     "load_sweep",
+    "calibrate",
+    "Calibration",
     "SpuError",
     "InvalidInputError",
     "SpecError",

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from . import checks, ranging
+from . import calibration, checks, precision, ranging
 from .codes import code_dtype, to_codes
 from .errors import (
     DeviceBusyError,
@@ -63,6 +63,7 @@ class Device(Readout):
         self._closed = False
         self._vector_scale: float | None = None  # a refusal of INFO reads it
         self.info = device_info(self._call(Opcode.INFO))
+        self._calibration: calibration.Calibration | None = None  # of the parts: kept by reset()
         self._forget_scales()
         # the last loads, runs and reads, with the hardware time the device reports for each (DESIGN 4.6),
         # and exact totals over all of them (Timeline)
@@ -78,6 +79,8 @@ class Device(Readout):
         self._lambda_min: float | None = None  # its smallest eigenvalue, estimated on first need
         self._settling = (math.nan, 0.0, math.nan)  # (transient left, burn_in, rate) of the last run
         self._kappa0 = self.info.kappa0  # the injected noise level (set_noise), back to the spec's on reset
+        self._damping = self.info.spec.get("oscillator", {}).get("damping")  # set_damping's, back on reset
+        self._row_abs: np.ndarray | None = None  # the dense load's coupling sums, for calibrated vectors
 
     # -- plumbing ----------------------------------------------------------------
     @property
@@ -138,10 +141,10 @@ class Device(Readout):
         if isinstance(A, GGN):
             return self._load_ggn(A, scale, started)
         A = self._checked_matrix(A, symmetric)
-        scale = checks.choose_scale(float(np.abs(A).max()) / self.info.g_max, scale, "matrix A")
-        q = to_codes(A / scale, self.info.element_bits, self.info.g_max)
+        scale = checks.choose_scale(calibration.natural_scale(self, A), scale, "matrix A")
+        q, row_abs = calibration.element_codes(self, A / scale)  # trimmed when calibrated
         reply = self._call(Opcode.LOAD_MATRIX, {"codes": q.codes})
-        self._matrix_scale = scale
+        self._matrix_scale, self._row_abs = scale, row_abs
         self._loaded, self._lambda_min = (A if symmetric else None), None
         return load_report(scale, q, self._record("load_matrix", reply, started))
 
@@ -167,7 +170,7 @@ class Device(Readout):
             Opcode.LOAD_GGN,
             {"j_codes": codes.j_codes, "h_codes": codes.h_codes, "damping_code": codes.damping_code},
         )
-        self._matrix_scale = codes.scale
+        self._matrix_scale, self._row_abs = codes.scale, None
         self._loaded, self._lambda_min = ggn, None
         spent = self._record("load_matrix", reply, started)
         parts = codes.quantised
@@ -188,7 +191,7 @@ class Device(Readout):
         if isinstance(A, GGN):
             return natural_scale(A, self.info.g_max)
         A = checks.as_float_array(A, "matrix A", 2)
-        return checks.choose_scale(float(np.abs(A).max(initial=0.0)) / self.info.g_max, None, "matrix A")
+        return checks.choose_scale(calibration.natural_scale(self, A), None, "matrix A")
 
     def load_vector(self, b: Any, *, scale: float | str | None = None) -> LoadReport:
         """Set the input DACs to u = b / scale (volts), b of shape (n,), n <= cells.
@@ -209,7 +212,9 @@ class Device(Readout):
             scale = self._auto_input_scale(b)
         scale = checks.choose_scale(float(np.abs(b).max()) / self.info.dac_range_v, scale, "vector b")
         with np.errstate(over="ignore"):  # a tiny scale sends b beyond the DAC: clipped and counted below
-            q = to_codes(b / scale, self.info.dac_bits, self.info.dac_range_v)
+            q = to_codes(
+                calibration.input_volts(self, b / scale, self._row_abs), self.info.dac_bits, self.info.dac_range_v
+            )
         reply = self._call(Opcode.LOAD_VECTOR, {"codes": q.codes})
         self._vector_scale = scale
         return load_report(scale, q, self._record("load_vector", reply, started))
@@ -221,7 +226,13 @@ class Device(Readout):
         if self._lambda_min is None:
             self._lambda_min = ranging.smallest_eigenvalue(self._loaded)
         stiffness = np.array([self._lambda_min / self._matrix_scale])
-        return ranging.slowest_rate(self.info.cell_kind, stiffness, self.info.spec)
+        return ranging.slowest_rate(self.info.cell_kind, stiffness, self._dynamics_spec())
+
+    def _dynamics_spec(self) -> dict[str, Any]:
+        """The spec with the damping now set (set_damping), for the settling estimates."""
+        if self._damping is None:
+            return self.info.spec
+        return {**self.info.spec, "oscillator": {**self.info.spec["oscillator"], "damping": self._damping}}
 
     def _auto_input_scale(self, b: np.ndarray) -> float:
         if self._loaded is None:
@@ -342,6 +353,35 @@ class Device(Readout):
     def noise_level(self) -> float:
         """The injected noise level kappa0 now set (volts^2): the spec's at open and after reset()."""
         return self._kappa0
+
+    def set_damping(self, damping: float) -> None:
+        """Set the oscillator cells' nominal damping gamma (R_d C0 / tau), within the spec's
+        [oscillator.damping_min, damping_max], until reset().  A mode of stiffness k = lambda(A) / s is
+        critically damped at gamma = 2 sqrt(k m), m the cells' inductance: ``driver.precision.critical_damping``
+        gives the setting for A's slowest mode, which then settles in about sqrt(cond) periods, not cond.
+        InvalidInputError on an RC device or one whose damping is fixed (damping_max = 0)."""
+        self._check_open()
+        damping = precision.checked_damping(self.info, damping)
+        self._call(Opcode.SET_DAMPING, {"damping": damping})
+        self._damping = damping
+
+    @property
+    def damping(self) -> float | None:
+        """The oscillator cells' nominal damping now set: the spec's at open and after reset(); None for RC cells."""
+        return self._damping if self.info.cell_kind == "oscillator" else None
+
+    @property
+    def calibration(self) -> calibration.Calibration | None:
+        """The calibration every load and read now applies (``calibrate``), or None.  Kept by reset()."""
+        return self._calibration
+
+    def calibrate(self, **options: Any) -> calibration.Calibration:
+        """Measure and install a calibration: ``driver.calibration.calibrate(self, **options)``."""
+        return calibration.calibrate(self, **options)
+
+    def clear_calibration(self) -> None:
+        """Load and read without corrections again (no device call)."""
+        self._calibration = None
 
     # -- housekeeping ------------------------------------------------------------
     def status(self) -> DeviceStatus:

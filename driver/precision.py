@@ -26,15 +26,26 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .device import Device, DeviceTime, RunReport
+from . import ranging
 from .errors import InvalidInputError, SpuError
 from .numbers import real
+from .reports import DeviceInfo, DeviceTime, RunReport
 
-__all__ = ["RefinementReport", "RefinementError", "refine_solution", "check_refinement"]
+if TYPE_CHECKING:  # the device imports this module for set_damping's check
+    from .device import Device
+
+__all__ = [
+    "RefinementReport",
+    "RefinementError",
+    "refine_solution",
+    "check_refinement",
+    "critical_damping",
+    "checked_damping",
+]
 
 # a residual that has not decreased for this many device solves in a row stops the loop
 _STALLED_SOLVES = 2
@@ -208,3 +219,42 @@ def _report(
             after.convert_s - before.convert_s,
         ),
     )
+
+
+# -- programmable damping (SET_DAMPING) -----------------------------------------------------------------------
+def checked_damping(info: DeviceInfo, damping: Any) -> float:
+    """``damping`` as set_damping takes it: > 0 and within the spec's [oscillator.damping_min, damping_max];
+    InvalidInputError (before any device call) otherwise, or on a device without programmable damping."""
+    damping = real(damping, "damping", "a positive number (R_d C0 / tau)")
+    osc = info.spec.get("oscillator", {})
+    low, high = float(osc.get("damping_min", 0.0)), float(osc.get("damping_max", 0.0))
+    if info.cell_kind != "oscillator" or high <= 0.0:
+        why = (
+            "it has RC cells" if info.cell_kind != "oscillator" else "its damping is fixed (oscillator.damping_max = 0)"
+        )
+        raise InvalidInputError(
+            f"{info.name} has no programmable damping: {why}; use an oscillator device whose spec gives"
+            " oscillator.damping_max > 0 (e.g. spu-8-lc)"
+        )
+    if not (damping > 0.0 and low <= damping <= high):
+        raise InvalidInputError(
+            f"damping = {damping!r} is outside [{low:g}, {high:g}] of {info.name} (oscillator.damping_min, damping_max;"
+            " and must be > 0); precision.critical_damping(dev, A) gives a setting within it"
+        )
+    return damping
+
+
+def critical_damping(dev: Device, A: Any, scale: float | None = None) -> float:
+    """The damping gamma = 2 sqrt(k m) that critically damps the slowest mode of A loaded at ``scale``
+    (default ``dev.matrix_scale(A)``): k = lambda_min(A) / scale, m the spec's inductance (nominal parts),
+    clipped to the device's [oscillator.damping_min, damping_max].  That mode then decays as
+    (1 + w t) e^{-w t}, w = sqrt(k / m): about sqrt(cond) periods where the spec's damping, tuned for unit
+    stiffness, leaves it overdamped (rate about k / gamma).  O(n^3) (lambda_min) up to n = 256."""
+    A = dev._checked_matrix(A)
+    scale = dev.matrix_scale(A) if scale is None else scale
+    osc = dev.info.spec.get("oscillator", {})
+    lambda_min = ranging.smallest_eigenvalue(A)
+    if not lambda_min > 0.0:
+        raise InvalidInputError(f"critical damping needs a positive definite A: lambda_min = {lambda_min:.3g}")
+    gamma = 2.0 * math.sqrt(lambda_min / scale * float(osc.get("inductance", 1.0)))
+    return float(np.clip(gamma, float(osc.get("damping_min", 0.0)), float(osc.get("damping_max", math.inf))))

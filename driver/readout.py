@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from . import ranging
+from . import calibration, ranging
 from .codes import from_codes
 from .errors import DeviceStateError, InvalidInputError
 from .protocol import Opcode
@@ -81,7 +81,7 @@ class Readout:
         started = time.perf_counter()
         reply = self._call(Opcode.READ_SAMPLES, {} if k is None else {"k": int(k)})
         self._record("read_samples", reply, started)
-        return reply["codes"] * self._user_per_code()
+        return calibration.output_codes(self, reply["codes"]) * self._user_per_code()
 
     def _user_per_code(self) -> float:
         """User units per ADC code of the last run's readout: volts per code times the readout scale."""
@@ -93,5 +93,5 @@ class Readout:
                 f"{self._label} holds a run this host did not make, so its scales are unknown;"
                 " load the matrix and vector and run again"
             )
-        volts = from_codes(codes, self.info.adc_bits, self.info.adc_range_v)
+        volts = from_codes(calibration.output_codes(self, codes), self.info.adc_bits, self.info.adc_range_v)
         return volts * self._readout_scale

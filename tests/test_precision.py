@@ -244,3 +244,46 @@ def test_set_damping_outside_the_spec_is_refused_and_changes_nothing(spec, dampi
 def test_spec_refuses_a_damping_outside_its_programmable_range():
     with pytest.raises(driver.SpecError, match="oscillator.damping"):
         driver.open("spu-8-lc", overrides={"oscillator.damping": 5.0})
+
+
+def test_critical_damping_settles_in_about_sqrt_cond_on_spu8_lc():
+    """cond(A) = 100 on spu-8-lc: at the spec's damping (1, tuned for unit stiffness) the slowest mode is
+    overdamped and relaxes at about k / gamma; critically damped (precision.critical_damping) at sqrt(k).
+    t='auto' follows the damping now set, so the critical solve runs > 3x shorter (predicted ~7x) and is
+    as accurate: had the emulator kept the old damping, its burn-in would leave ~37 % of the transient."""
+    from driver.precision import critical_damping
+
+    rng = np.random.default_rng(8)
+    A = random_spd(rng, 8, np.geomspace(1.0, 0.01, 8))
+    b = rng.standard_normal(8)
+    exact = np.linalg.solve(A, b)
+    results = {}
+    for setting in ("spec", "critical"):
+        with driver.open("spu-8-lc", seed=2, overrides={"coupling.mismatch": 0.0}) as dev:
+            if setting == "critical":
+                gamma = critical_damping(dev, A)
+                assert 0.01 <= gamma < dev.info.spec["oscillator"]["damping"]
+                dev.set_damping(gamma)
+                assert dev.damping == gamma
+            x, report = linalg.solve(dev, A, b, t="auto", return_report=True)
+        results[setting] = (np.linalg.norm(x - exact) / np.linalg.norm(exact), report.analog_time)
+    (spec_error, spec_t), (critical_error, critical_t) = results["spec"], results["critical"]
+    assert critical_t < spec_t / 3
+    assert critical_error < 2 * spec_error + 0.02
+
+
+def test_set_damping_checks_and_reset():
+    with driver.open("spu-8", seed=0) as dev:
+        assert dev.damping is None
+        with pytest.raises(driver.InvalidInputError, match="RC cells"):
+            dev.set_damping(1.0)
+    with driver.open("spu-8-lc", seed=0) as dev:
+        calls = dev.timeline.calls
+        for bad in (0.0, -1.0, 4.5, float("nan"), "1", True):
+            with pytest.raises(driver.InvalidInputError):
+                dev.set_damping(bad)
+        assert dev.timeline.calls == calls
+        dev.set_damping(0.5)
+        assert dev.damping == 0.5
+        dev.reset()
+        assert dev.damping == dev.info.spec["oscillator"]["damping"]
