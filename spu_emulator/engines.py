@@ -14,13 +14,13 @@ import math
 
 import numpy as np
 
-from . import _kernels, _oscillator
+from . import _kernels, _lagged, _oscillator
 from .arrays import ProgrammedGGN
 from .converters import code_max
-from .exact import LinearModel, LowRankModel, prepare, prepare_ggn, propagate, window
+from .exact import LinearModel, LowRankModel, prepare, prepare_ggn, propagate, propagate_lagged, window
 from .payload import _Refused
 from .protocol import Engine, OnSaturation, Status
-from .recording import _Record
+from .recording import _LAG_CHUNK_VALUES, _Record
 from .timing import run_time
 
 _UNSTABLE = (
@@ -31,6 +31,8 @@ _UNSTABLE = (
 
 # fit_factor aims the equilibrium at this fraction of the smaller of the rails and the ADC range
 _FIT_FILL = 0.7
+# the exact engine draws lagged sums (central limit) only over a window of this many correlation times
+_LAGGED_MIN_SPANS = 200.0
 
 
 class Engines:
@@ -59,57 +61,58 @@ class Engines:
 
         state = self._phase_state()
         acc = np.zeros(n)
-        adc_args = (
-            rail,
-            self.parts.adc_gain[:n],
-            self.parts.adc_offset_v[:n],
-            adc.noise_v,
-            self._adc_lsb(),
-            float(code_max(adc.bits)),
-            self._rng,
-            acc,
-            np.empty(n),
-            record.cov_acc,
-            record.snapshots,
-            record.stride,
-        )
-        rng_before = self._rng.bit_generator.state
-        if self._lc:
-            lc = self._oscillator
-            steps, samples, saturated, clipped, runaway = _oscillator._run_lc(
-                lc.conductance,
-                self._force,
-                lc.inv_mass,
-                lc.friction_rate,
-                lc.momentum_sd,
-                state[:n],  # views: the kernel updates x and p of the phase state in place
-                state[n:],
-                dt,
-                n_steps,
-                steps_per_sample,
-                first_sample_step,
-                *adc_args,
+        scratch = np.empty(n)
+
+        def advance(n_steps, first_sample_step, snapshots, stride):
+            adc_args = (
+                rail,
+                self.parts.adc_gain[:n],
+                self.parts.adc_offset_v[:n],
+                adc.noise_v,
+                self._adc_lsb(),
+                float(code_max(adc.bits)),
+                self._rng,
+                acc,
+                scratch,
+                record.cov_acc,
+                snapshots,
+                stride,
             )
-        elif isinstance(matrix, ProgrammedGGN):
-            steps, samples, saturated, clipped, runaway = _kernels._run_ggn(
-                matrix.j,
-                matrix.h,
-                matrix.jt,
-                matrix.damping,
-                matrix.inv_c,
-                self._force,
-                matrix.noise_sd,
-                state,
-                dt,
-                n_steps,
-                steps_per_sample,
-                first_sample_step,
-                *adc_args,
-                np.empty(matrix.m),
-                np.empty(matrix.m),
-            )
-        else:
-            steps, samples, saturated, clipped, runaway = _kernels._run_rc(
+            if self._lc:
+                lc = self._oscillator
+                return _oscillator._run_lc(
+                    lc.conductance,
+                    self._force,
+                    lc.inv_mass,
+                    lc.friction_rate,
+                    lc.momentum_sd,
+                    state[:n],  # views: the kernel updates x and p of the phase state in place
+                    state[n:],
+                    dt,
+                    n_steps,
+                    steps_per_sample,
+                    first_sample_step,
+                    *adc_args,
+                )
+            if isinstance(matrix, ProgrammedGGN):
+                return _kernels._run_ggn(
+                    matrix.j,
+                    matrix.h,
+                    matrix.jt,
+                    matrix.damping,
+                    matrix.inv_c,
+                    self._force,
+                    matrix.noise_sd,
+                    state,
+                    dt,
+                    n_steps,
+                    steps_per_sample,
+                    first_sample_step,
+                    *adc_args,
+                    np.empty(matrix.m),
+                    np.empty(matrix.m),
+                )
+            return _kernels._run_rc(
                 matrix.drift,
                 self._force,
                 matrix.noise_sd,
@@ -119,6 +122,16 @@ class Engines:
                 steps_per_sample,
                 first_sample_step,
                 *adc_args,
+            )
+
+        rng_before = self._rng.bit_generator.state
+        if record.lagged_on:
+            steps, samples, saturated, clipped, runaway = _advance_lagged(
+                advance, record, n, n_steps, steps_per_sample, first_sample_step
+            )
+        else:
+            steps, samples, saturated, clipped, runaway = advance(
+                n_steps, first_sample_step, record.snapshots, record.stride
             )
         report = {
             "analog_time": n_steps * dt,
@@ -295,7 +308,35 @@ class Engines:
         level = float(np.abs(model.fixed_point(self._phase_force())[:n]).max())
         return {"fit_factor": level / (_FIT_FILL * min(limits))} if level > 0.0 else {}
 
-    def _run_exact(self, t: float, burn_in: float):
+    def _lagged_closed_form_why(self, t: float, burn_in: float, record: _Record) -> str:
+        """Why the exact engine cannot draw this run's lagged sums in closed form ("" when it can): it needs
+        the modal form (a symmetric array with equal noise in every cell), zero drive (V* = 0), converters
+        that pass the volts through (no bits, gain 1, offset 0, no noise), no other recording, and a window
+        of at least _LAGGED_MIN_SPANS correlation times of the slowest mode (the central limit)."""
+        model = self._linear_model()
+        adc = self.spec.adc
+        n = self._matrix.n
+        if model is None or model.form != "modal":
+            return "the array is not symmetric with equal noise in every cell (the modal form)"
+        if np.any(self._phase_force() != 0.0):
+            return "the drive is not zero (the lagged sums are drawn around V* = 0)"
+        if adc.bits > 0 or adc.noise_v > 0.0 or np.any(self.parts.adc_gain[:n] != 1.0):
+            return "the ADC is not ideal (bits, noise or gain)"
+        if np.any(self.parts.adc_offset_v[:n] != 0.0):
+            return "the ADC has offsets"
+        if record.on:
+            return "the run also records its covariance or snapshots"
+        period = 1.0 / adc.sample_rate
+        m0, m1 = window(t, burn_in, period)
+        spans = (m1 - m0) * period * float(model.rates[0]) if model.stable else 0.0
+        if spans < _LAGGED_MIN_SPANS:
+            return (
+                f"its window holds {spans:.3g} correlation times of the slowest mode, fewer than the"
+                f" {_LAGGED_MIN_SPANS:g} the closed form (a central limit) needs"
+            )
+        return ""
+
+    def _run_exact(self, t: float, burn_in: float, record: _Record | None = None):
         model = self._linear_model()
         if model is None:
             raise _Refused(
@@ -309,15 +350,30 @@ class Engines:
         adc = self.spec.adc
         target = model.fixed_point(self._phase_force())
         self._refuse_clipped_equilibrium(model, target[:n])
-        mean_v, final, count = propagate(
-            model,
-            self._phase_state(),
-            target,
-            t,
-            burn_in,
-            1.0 / adc.sample_rate,
-            self._rng,
-        )
+        if record is not None and record.lagged_on:
+            why = self._lagged_closed_form_why(t, burn_in, record)
+            if why:
+                raise _Refused(
+                    Status.BAD_ARGUMENT,
+                    f"the exact engine cannot draw these lagged sums in closed form: {why}; run them with engine"
+                    " transient (auto takes it)",
+                )
+            period = 1.0 / adc.sample_rate
+            record.check_window(window(t, burn_in, period)[1] - window(t, burn_in, period)[0], period)
+            mean_v, final, count, sums = propagate_lagged(
+                model, self._phase_state(), target, t, burn_in, period, record.lags, self._rng
+            )
+            record.lagged[...] = sums
+        else:
+            mean_v, final, count = propagate(
+                model,
+                self._phase_state(),
+                target,
+                t,
+                burn_in,
+                1.0 / adc.sample_rate,
+                self._rng,
+            )
         mean_v = mean_v[:n]  # the ADCs see the node voltages only
         gain, offset = self.parts.adc_gain[:n], self.parts.adc_offset_v[:n]
         acc = np.zeros(n)
@@ -342,3 +398,28 @@ class Engines:
             "hardware_time": run_time(self.spec, t),
         }
         return report, final, acc, count
+
+
+def _advance_lagged(advance, record: _Record, n: int, n_steps: int, steps_per_sample: int, first_sample_step: int):
+    """Run the transient kernel ``advance`` a chunk of conversions at a time, each chunk recorded as
+    snapshots and handed to the lagged accumulator, so the recording memory is the chunk, a ring of
+    the last max(lags) + 1 conversions and the q n^2 sums, whatever the run's length.  Chunks end on
+    conversions, so the steps, draws and conversions are those of one call.  Returns what the kernel
+    returns, summed over the chunks."""
+    chunk = max(1, _LAG_CHUNK_VALUES // n)
+    buffer = np.empty((chunk, n))
+    ring = np.zeros((int(record.lags[-1]) + 1, n))
+    done = samples = clipped = 0
+    saturated = False
+    while done < n_steps:
+        steps_here = min(n_steps - done, chunk * steps_per_sample)
+        first_here = max(1, first_sample_step - done)
+        steps, taken, hit, clips, runaway = advance(steps_here, first_here, buffer, 1)
+        _lagged._accumulate_lagged(buffer[:taken], samples, ring, record.lags, record.lagged)
+        samples += int(taken)
+        clipped += int(clips)
+        saturated = saturated or bool(hit)
+        if runaway:
+            return done + int(steps), samples, saturated, clipped, True
+        done += steps_here
+    return n_steps, samples, saturated, clipped, False

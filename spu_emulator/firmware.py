@@ -66,6 +66,7 @@ class Firmware(ArrayProgramming, Engines, Readout):
             Opcode.READ_COV: self._read_cov,
             Opcode.READ_SAMPLES: self._read_samples,
             Opcode.SET_NOISE: self._set_noise,
+            Opcode.READ_LAGGED: self._read_lagged,
             Opcode.SET_DAMPING: self._set_damping,
         }
         self._power_on()
@@ -102,6 +103,7 @@ class Firmware(ArrayProgramming, Engines, Readout):
             self.oscillator_parts = draw_oscillator_parts(self.spec, self._seed)
         self._cov_acc: np.ndarray | None = None  # sum of code code^T over the last run, if it recorded
         self._snapshots: np.ndarray | None = None  # (k, n) codes of the last run, if it recorded
+        self._lagged: tuple[np.ndarray, np.ndarray] | None = None  # (lags, sums) of the last run, if it recorded
         self._matrix: ProgrammedMatrix | None = None
         self._linear: LinearModel | LowRankModel | None = None
         self._linear_why = ""  # why there is no exact model, when there is none
@@ -249,13 +251,16 @@ class Firmware(ArrayProgramming, Engines, Readout):
         if not self.spec.rails.enabled and model is not None and not model.stable:
             # with no rails to stop it the state would grow without bound; refuse before running
             raise _Refused(Status.SATURATED, _UNSTABLE, runaway=1)
-        # the exact engine draws the window's sum, not its conversions: a recording run steps
+        # the exact engine draws the window's sum, not its conversions: a recording run steps, unless it
+        # records lagged sums only and the exact engine can draw them in closed form
+        lagged_exact = record.lagged_on and not self._lagged_closed_form_why(t, burn_in, record)
         if engine == Engine.transient or (
-            engine == Engine.auto and (record.on or not self._linear_is_safe(t, burn_in))
+            engine == Engine.auto
+            and (record.on or (record.lagged_on and not lagged_exact) or not self._linear_is_safe(t, burn_in))
         ):
             report, state, acc, samples = self._run_transient(t, burn_in, on_saturation, record)
         else:
-            report, state, acc, samples = self._run_exact(t, burn_in)
+            report, state, acc, samples = self._run_exact(t, burn_in, record)
         if not (np.all(np.isfinite(state)) and np.all(np.isfinite(acc))):
             # never keep a state no later read could use; the run is discarded, the state as before it
             raise _Refused(
@@ -267,6 +272,7 @@ class Firmware(ArrayProgramming, Engines, Readout):
         self._acc = acc
         self._cov_acc = record.cov_acc if record.cov_acc.size else None
         self._snapshots = record.snapshots if record.snapshots.shape[0] else None
+        self._lagged = (record.lags, record.lagged) if record.lagged_on else None
         self._samples = samples
         self._runs += 1
         self._flags |= StatusBit.HAS_RUN

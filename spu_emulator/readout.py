@@ -11,7 +11,7 @@ from . import _kernels
 from .converters import code_max
 from .payload import _integer, _Refused
 from .protocol import Status, StatusBit
-from .timing import read_cov_time, read_mean_time, read_samples_time, read_state_time
+from .timing import _sum_bits, _times, read_cov_time, read_mean_time, read_samples_time, read_state_time
 
 
 class Readout:
@@ -97,4 +97,26 @@ class Readout:
             "codes": codes,
             "recorded": recorded,
             "hardware_time": read_samples_time(self.spec, codes.shape[1], codes.shape[0]),
+        }
+
+    def _read_lagged(self, _: Mapping[str, Any]) -> dict[str, Any]:
+        if not self._flags & StatusBit.HAS_RUN:
+            raise _Refused(Status.BAD_STATE, "no run since power-on or reset; RUN with record_lags before READ_LAGGED")
+        if self._lagged is None:
+            raise _Refused(
+                Status.BAD_STATE, "the last run did not record lagged sums; RUN with record_lags before READ_LAGGED"
+            )
+        lags, sums = self._lagged
+        count = self._samples
+        n = sums.shape[1]
+        adc_bits = self.spec.adc.bits
+        # q n^2 sums of products of two codes and n sums of codes over the link
+        link = lags.shape[0] * n * n * _sum_bits(adc_bits, 2, count) + n * _sum_bits(adc_bits, 1, count)
+        return {
+            "lags": lags.copy(),
+            "sums": sums.copy(),
+            "pairs": np.maximum(count - lags, 0).astype(np.int64),
+            "mean_codes": self._acc / count if count else np.zeros(n),
+            "samples": count,
+            "hardware_time": _times(self.spec, link_bits=link),
         }
