@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from . import calibration, checks, precision, ranging
+from . import calibration, checks, lagged, precision, ranging
 from .codes import code_dtype, to_codes
 from .errors import (
     DeviceBusyError,
@@ -75,6 +75,7 @@ class Device(Readout):
         self._vector_scale: float | None = None
         self._readout_scale: float | None = None
         self._recorded: tuple[bool, int] | None = None  # (record_cov, record_samples) of the last run
+        self._recorded_lags: tuple[int, ...] | None = None  # record_lags of the last run
         self._loaded: np.ndarray | GGN | None = None  # the matrix of the last load, user units (for ranging)
         self._lambda_min: float | None = None  # its smallest eigenvalue, estimated on first need
         self._settling = (math.nan, 0.0, math.nan)  # (transient left, burn_in, rate) of the last run
@@ -258,6 +259,7 @@ class Device(Readout):
         record_cov: bool = False,
         record_samples: int = 0,
         sample_stride: int = 1,
+        record_lags: Any = None,
     ) -> RunReport:
         """Let the array evolve for analog time t (tau); accumulate ADC samples after burn_in
         (default t / 2, as in ``linalg.solve``).
@@ -290,11 +292,18 @@ class Device(Readout):
         :meth:`read_samples`; t - burn_in must hold k * sample_stride conversions.
         A recording run always steps ("auto" takes the transient engine; "exact"
         is refused): the exact engine draws a window's average, not its conversions.
+        ``record_lags=(L_1, ...)`` (up to 8 lags, in conversions) accumulates sum_k x_{k+L} x_k^T
+        for :meth:`read_lagged` (``driver.lagged``); the exact engine draws those in closed form
+        where it can (a symmetric array, equal noise, zero drive, ideal converters), else it steps.
         """
         self._check_open()
         record = checks.recording(record_cov, record_samples, sample_stride)
         t = self._checked_run(t, 0.0)[0]
         t, burn_in = self._checked_run(t, 0.5 * t if burn_in is None else burn_in)
+        if record_lags is not None:
+            record_lags = lagged.checked_lags(record_lags)
+            lagged.check_window(self, record_lags, t, burn_in)
+            record["record_lags"] = np.asarray(record_lags, dtype=np.int64)
         engine_code = checks.option(engine, Engine, "engine")
         saturation_code = checks.option(on_saturation, OnSaturation, "on_saturation")
         if self._matrix_scale is None or self._vector_scale is None:
@@ -316,6 +325,7 @@ class Device(Readout):
         self._settling = (left, burn_in, rate)
         self._readout_scale = self._vector_scale / self._matrix_scale
         self._recorded = (bool(record["record_cov"]), record["record_samples"])
+        self._recorded_lags = record_lags
         return RunReport(
             analog_time=float(reply["analog_time"]),
             seconds=float(reply["analog_time"]) * self.info.tau_s,
@@ -329,6 +339,12 @@ class Device(Readout):
             device_time=spent,
             settling=left,
         )
+
+    def read_lagged(self) -> lagged.LaggedMoments:
+        """The lagged sums sum_k x_{k+L} x_k^T of the last run (``record_lags``), in user units squared, with
+        their pair counts and the window mean: a :class:`driver.lagged.LaggedMoments`.  Raises
+        DeviceStateError when the last run recorded none."""
+        return lagged.read(self)
 
     def set_noise(self, kappa0: float) -> None:
         """Set the injected noise level kappa0 (volts^2), 0 <= kappa0 <= info.kappa0_max, until reset().

@@ -13,6 +13,7 @@ from .errors import InvalidInputError, SaturationError
 from .mitigation import MitigationReport, check_mitigation, mitigated_solve
 from .numbers import real
 from .precision import RefinementError, RefinementReport, check_refinement, refine_solution
+from .primitives import PrimitiveReport, expm, expnegm, lyapunov  # noqa: F401  (issue 17: e^{-A s}, e^{A s}, Lyapunov)
 from .sampling import SamplingReport, sample_gaussian
 from .sampling import inv as _covariance_inv
 
