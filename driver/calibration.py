@@ -64,7 +64,8 @@ _FILL = 0.6  # the unit inputs drive the largest node voltage to about this frac
 _TRIM_LIMIT = 0.5  # |log K| beyond this: a part far outside any tolerance (dead or shorted element)
 _CONSISTENCY = 1e-2  # the two probes' diagonal trims must agree to this relative difference
 _KEPT = "the device keeps the calibration it had (none if it had none)"
-DEFAULT_T = 5.0e4  # tau per probe run: offsets to ~0.05 mV on spu-8 (see calibrate)
+DEFAULT_T = 2.0e5  # tau per zero-input probe run: offsets to ~0.02 mV on spu-8 (see calibrate)
+_UNIT_FRACTION = 0.25  # the unit-input probes run t / 4: their differences only set the trims, to ~1e-3
 
 
 class CalibrationError(SpuError, RuntimeError):
@@ -193,10 +194,11 @@ def calibrate(dev: Device, *, n: int | None = None, t: float | None = None) -> C
     Probes (all codes known; no hidden part is read): two dense calibration matrices dI +- cS
     (d = g_max, S a fixed symmetric sign pattern, c so that lambda_min = g_max / 2), each with zero
     input and a unit input on every cell in turn (column by column: a_eff^-1 e_j); and a diagonal
-    matrix at g_max and g_max / 2 with zero input.  2 n + 4 runs of t tau each (default 5e4 tau; burn-in
-    30 slowest time constants), n (default: the device's dense size) cells.  Precision: each reading's
-    mean has sd about sqrt(4 kappa0 tau_c / t) volts (spu-8 at the default t: ~0.03 mV; the offsets
-    then to ~0.05 mV, the trims to ~1e-3).  Host cost O(n^3).
+    matrix at g_max and g_max / 2 with zero input.  4 zero-input runs of t tau (default 2e5 tau) and 2 n
+    unit-input runs of t / 4 (burn-in 30 slowest time constants), n (default: the device's dense size)
+    cells: 8 t in all for n = 8 (spu-8, tau = 10 us: 16 s of hardware time).  Precision: a reading's mean
+    has sd about sqrt(4 kappa0 tau_c / t) volts (spu-8: ~0.015 mV at t = 2e5; the offsets then to
+    ~0.02-0.03 mV, the trims to ~1e-3).  Host cost O(n^3).
 
     Returns the :class:`Calibration` and installs it on ``dev``.  Raises InvalidInputError for bad
     arguments (before any device call) and CalibrationError when a probe saturates or clips, a trim is
@@ -248,10 +250,10 @@ class _Probe:
     runs: int = 0
     analog_time: float = 0.0
 
-    def read(self, volts: np.ndarray) -> np.ndarray:
+    def read(self, volts: np.ndarray, fraction: float = 1.0) -> np.ndarray:
         dev = self.dev
         dev.load_vector(volts, scale=1.0)  # volts in, volts out: vector and matrix scale 1
-        report = dev.run(self.t, self.burn_in, on_saturation="flag")
+        report = dev.run(max(fraction * self.t, 2.0 * self.burn_in), self.burn_in, on_saturation="flag")
         self.runs += 1
         self.analog_time += report.analog_time
         if report.saturated or report.adc_clipped:
@@ -291,7 +293,7 @@ def _measure(dev: Device, n: int, t: float) -> Calibration:
         zero_reads[name] = probe.read(zeros)
         inverse = np.empty((n, n))
         for j in range(n):
-            inverse[:, j] = (probe.read(level * np.eye(n)[j]) - zero_reads[name]) / level
+            inverse[:, j] = (probe.read(level * np.eye(n)[j], _UNIT_FRACTION) - zero_reads[name]) / level
         a_eff = np.linalg.inv(inverse)
         trims.append(a_eff / (codes * unit))
     for name, codes in (("diagonal", diagonal), ("half", half)):
