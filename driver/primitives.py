@@ -35,6 +35,7 @@ one, gives the standard error of each entry).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,7 +94,7 @@ class PrimitiveReport:
 # --------------------------------------------------------------------------- the estimators
 def lagged_estimate(
     lagged: np.ndarray, lagged_pairs: np.ndarray, zero: np.ndarray, zero_pairs: np.ndarray, means: np.ndarray,
-    samples: np.ndarray, right: np.ndarray | None = None,
+    samples: np.ndarray, right: np.ndarray | None = None, with_error: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """E = C(L) C(0)^-1 from B batches of accumulated sums, with its batch-means standard error.
 
@@ -102,7 +103,8 @@ def lagged_estimate(
     conversions.  Pooled moments C(l) = sum_b S_b / sum_b pairs_b - m m^T (m the pooled mean);
     the deviation of batch b, linearised about E (the delta method for a ratio),
     D_b = (C_b(L) - E C_b(0)) C(0)^-1, gives the standard error std_b(D_b) / sqrt(B).  Needs B >= 2
-    for an error (NaN otherwise).  ``right``: return E right and its error instead (a fixed factor).
+    for an error (NaN otherwise; and without ``with_error``, which saves the O(B n^3) of the deviations).
+    ``right``: return E right and its error instead (a fixed factor).
     Returns (E (n, n), error (n, n)).  Cost O(B n^3).
     """
     weights = samples / samples.sum()
@@ -112,14 +114,13 @@ def lagged_estimate(
     estimate = _right_divide(c_lag, c_zero)
     right = np.eye(estimate.shape[0]) if right is None else right
     batches = lagged.shape[0]
-    if batches < 2:
+    if batches < 2 or not with_error:
         return estimate @ right, np.full_like(estimate, np.nan)
-    deviations = np.empty_like(lagged)
-    for b in range(batches):
-        outer = np.outer(means[b], means[b])
-        c_lag_b = lagged[b] / lagged_pairs[b] - outer
-        c_zero_b = zero[b] / zero_pairs[b] - outer
-        deviations[b] = _right_divide(c_lag_b - estimate @ c_zero_b, c_zero) @ right
+    outer = means[:, :, None] * means[:, None, :]
+    c_lag_b = lagged / lagged_pairs[:, None, None] - outer
+    c_zero_b = zero / zero_pairs[:, None, None] - outer
+    # one factor for every batch: (C_b(L) - E C_b(0)) C(0)^-1 right
+    deviations = (c_lag_b - estimate @ c_zero_b) @ _right_divide(right, c_zero)
     return estimate @ right, deviations.std(axis=0, ddof=1) / math.sqrt(batches)
 
 
@@ -231,14 +232,22 @@ def _checked_overdamping(value: Any) -> float:
     return value
 
 
-def _stable(B: np.ndarray, what: str, hint: str) -> np.ndarray:
-    """The eigenvalues of B, or InvalidInputError when one has a non-positive real part."""
-    values = np.linalg.eigvals(B)
+def _eigenvalues(B: np.ndarray) -> np.ndarray:
+    """The eigenvalues of B: eigvalsh when B is symmetric (several times faster), else eigvals.  O(n^3)."""
+    if np.array_equal(B, B.T):
+        return np.linalg.eigvalsh(B).astype(np.complex128)
+    return np.linalg.eigvals(B)
+
+
+def _stable(B: np.ndarray, what: str, hint: Callable[[], str]) -> np.ndarray:
+    """The eigenvalues of B, or InvalidInputError when one has a non-positive real part (``hint()`` says
+    what to do; it is called only then)."""
+    values = _eigenvalues(B)
     worst = int(np.argmin(values.real))
     if not values.real[worst] > 0.0:
         raise InvalidInputError(
             f"{what} must have eigenvalues of positive real part (a stable drift dx = -{what} x dt + noise),"
-            f" but one is {complex(values[worst]):.3g}; {hint}"
+            f" but one is {complex(values[worst]):.3g}; {hint()}"
         )
     return values
 
@@ -400,7 +409,7 @@ def expnegm(
     overdamping = _checked_overdamping(overdamping)
     B = A + alpha * np.eye(n)
     values = _stable(
-        B, "A + alpha I", f"pass alpha > {-float(np.linalg.eigvals(A).real.min()):.3g} (alpha = {alpha:g} now)"
+        B, "A + alpha I", lambda: f"pass alpha > {alpha - float(_eigenvalues(B).real.min()):.3g} (now {alpha:g})"
     )
     regime = _regime(dev)
     loaded, scale, lag, correction = _exponential_program(dev, B, values, s, regime, overdamping)
@@ -412,7 +421,9 @@ def expnegm(
     burn_in = min(_BURN_SPANS * correlation, dev.info.max_run_time - per_batch)
     moments, kappa = _measure(dev, loaded, scale, regime, correlation, batches, per_batch, burn_in, (0, lag))
     runs, lagged, lagged_pairs, zero, zero_pairs, means, samples = moments
-    estimate, error = lagged_estimate(lagged, lagged_pairs, zero, zero_pairs, means, samples, correction)
+    estimate, error = lagged_estimate(
+        lagged, lagged_pairs, zero, zero_pairs, means, samples, correction, with_error=return_report
+    )
     factor = math.exp(alpha * s)
     estimate, error = factor * estimate, factor * error
     if not return_report:
@@ -490,7 +501,7 @@ def lyapunov(
     overdamping = _checked_overdamping(overdamping)
     root = np.sqrt(d)
     similar = A * (root[None, :] / root[:, None])  # D^-1 A D
-    values = _stable(A, "A", "lyapunov needs a stable drift (negate A if it is stable in the other convention)")
+    values = _stable(A, "A", lambda: "lyapunov needs a stable drift (negate A if it is stable in the other convention)")
     regime = _regime(dev)
     scale = float(np.abs(similar).max()) / dev.info.g_max
     if regime.oscillator:  # overdamped: m rho(a) / gamma^2 <= overdamping, rho(a) = rho(A) / s_A

@@ -410,7 +410,33 @@ def _window_pair_sum(x1: np.ndarray, x2: np.ndarray, c1: int, c2: int, n1: int, 
 
 
 def _lagged_sums_modal(model, a, period, count, lags, rng):
-    """The lagged sums of a modal model's window from the modes a at its start (see propagate_lagged)."""
+    """The lagged sums of a modal model's window from the modes a at its start (see propagate_lagged).
+    Everything but the draws and a is memoised per (period, count, lags): O(n^2 q + q n^3) per run."""
+    n = model.rates.shape[0]
+    q = lags.shape[0]
+    coefs = _memoised(
+        model._memo,
+        ("lagged", period, count, tuple(lags.tolist())),
+        lambda: _lagged_coefficients(model, period, count, lags),
+    )
+    decay_sums, diagonal_means, pair_root, diagonal_root, targets = coefs
+    sums = decay_sums * np.outer(a, a)  # (q, n, n): E[T^L_ij] given a, without the noise's own part
+    flat = sums.reshape(q, n * n)
+    flat[:, :: n + 1] += diagonal_means
+    if pair_root is not None:
+        pairs = pair_root.shape[0]
+        draws = np.einsum("pab,pb->pa", pair_root, rng.standard_normal((pairs, pair_root.shape[1])))
+        for column, (which, places) in enumerate(targets):
+            for index in places:
+                flat[which, index] += draws[:, column]
+        diagonal_draws = np.einsum("iab,ib->ia", diagonal_root, rng.standard_normal((n, q)))
+        flat[:, :: n + 1] += diagonal_draws.T
+    return model.modes @ sums @ model.modes.T
+
+
+def _lagged_coefficients(model, period, count, lags):
+    """(decay sums (q, n, n), diagonal means (q, n), pair roots (P, v, v) or None, diagonal roots (n, q, q),
+    targets) of :func:`_lagged_sums_modal`; targets: for each pair variable, (lag index, flat indices)."""
     lam = model.rates
     n = lam.shape[0]
     q = lags.shape[0]
@@ -418,50 +444,44 @@ def _lagged_sums_modal(model, a, period, count, lags, rng):
     s2 = model.noise_level**2
     var = s2 / (2.0 * lam)  # sigma_i^2
     pairs = np.maximum(count - lags, 0)
-    means = np.empty((q, n, n))
-    outer = np.outer(a, a)
+    decay_sums = np.empty((q, n, n))
+    diagonal_means = np.empty((q, n))
     for which, lag in enumerate(lags):
         pairs_l = int(pairs[which])
-        means[which] = np.exp(-x * lag)[:, None] * outer * _geometric(x[:, None] + x[None, :], pairs_l)
-        means[which][np.diag_indices(n)] += var * np.exp(-x * lag) * (pairs_l - _geometric(2.0 * x, pairs_l))
+        decay_sums[which] = np.exp(-x * lag)[:, None] * _geometric(x[:, None] + x[None, :], pairs_l)
+        diagonal_means[which] = var * np.exp(-x * lag) * (pairs_l - _geometric(2.0 * x, pairs_l))
     if s2 <= 0.0 or count == 0:
-        return np.einsum("ik,lkm,jm->lij", model.modes, means, model.modes)
+        return decay_sums, diagonal_means, None, None, []
     # the variables of a pair i < j: (lag, orientation) with orientation 0 for T_ij, 1 for T_ji; lag 0 once
-    variables = [(int(lag), o) for lag in lags for o in ((0,) if lag == 0 else (0, 1))]
+    variables = [(which, int(lag), o) for which, lag in enumerate(lags) for o in ((0,) if lag == 0 else (0, 1))]
     rows, cols = np.triu_indices(n, 1)
     xi, xj = x[rows], x[cols]
     scale = var[rows] * var[cols]
     v = len(variables)
     cov = np.empty((rows.shape[0], v, v))
-    for p, (lag_p, o_p) in enumerate(variables):
-        for r, (lag_r, o_r) in enumerate(variables[: p + 1]):
+    for p, (which_p, lag_p, o_p) in enumerate(variables):
+        for r, (which_r, lag_r, o_r) in enumerate(variables[: p + 1]):
             # Cov(T^L_ij, T^L'_ij) = sigma_i^2 sigma_j^2 F(x_i, x_j, L - L', 0); T^L'_ji instead: F(., ., L, -L')
             first, second = (xi, xj) if o_p == 0 else (xj, xi)
             c2 = 0 if o_p == o_r else -lag_r
             c1 = lag_p - lag_r if o_p == o_r else lag_p
-            n_p, n_r = int(pairs[list(lags).index(lag_p)]), int(pairs[list(lags).index(lag_r)])
+            n_p, n_r = int(pairs[which_p]), int(pairs[which_r])
             cov[:, p, r] = cov[:, r, p] = scale * _window_pair_sum(first, second, c1, c2, n_p, n_r)
-    draws = np.einsum("pab,pb->pa", _batched_root(cov), rng.standard_normal((rows.shape[0], v)))
-    # the diagonal: Cov(T^L_ii, T^L'_ii) = sigma_i^4 N [S(|L - L'|) + S(L + L')]
+    # the diagonal: Cov(T^L_ii, T^L'_ii) = sigma_i^4 [F(L - L', 0) + F(L, -L')]
     diagonal = np.empty((n, q, q))
     for p, lag_p in enumerate(lags):
         for r, lag_r in enumerate(lags[: p + 1]):
             lag_p, lag_r, n_p, n_r = int(lag_p), int(lag_r), int(pairs[p]), int(pairs[r])
             both = _window_pair_sum(x, x, lag_p - lag_r, 0, n_p, n_r) + _window_pair_sum(x, x, lag_p, -lag_r, n_p, n_r)
             diagonal[:, p, r] = diagonal[:, r, p] = var**2 * both
-    diagonal_draws = np.einsum("iab,ib->ia", _batched_root(diagonal), rng.standard_normal((n, q)))
-    sums = means
-    for p, (lag, orientation) in enumerate(variables):
-        which = list(lags).index(lag)
-        if orientation == 0:
-            sums[which][rows, cols] += draws[:, p]
-            if lag == 0:
-                sums[which][cols, rows] += draws[:, p]
+    upper, lower = rows * n + cols, cols * n + rows
+    targets = []
+    for which, lag, orientation in variables:
+        if lag == 0:  # T^0 is symmetric: one draw for both entries
+            targets.append((which, (upper, lower)))
         else:
-            sums[which][cols, rows] += draws[:, p]
-    for which in range(q):
-        sums[which][np.diag_indices(n)] += diagonal_draws[:, which]
-    return np.einsum("ik,lkm,jm->lij", model.modes, sums, model.modes)
+            targets.append((which, (upper if orientation == 0 else lower,)))
+    return decay_sums, diagonal_means, _batched_root(cov), _batched_root(diagonal), targets
 
 
 def _batched_root(cov: np.ndarray) -> np.ndarray:
