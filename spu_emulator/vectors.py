@@ -69,7 +69,7 @@ PayloadOf = Payload | Callable[[DeviceSpec], Payload]
 _NORMATIVE = frozenset({"n", "m", "word", "matrix_n", "vector_n", "runs", "recorded", "error", "protocol_version"})
 # replies whose arrays are ADC codes, so |value| <= adc code_max on a quantised ADC
 _ADC_ARRAYS = {"READ_MEAN": ("mean_codes",), "READ_STATE": ("codes",), "READ_SAMPLES": ("codes",)}
-_ADC_ARRAYS["READ_COV"] = ("mean_codes",)
+_ADC_ARRAYS["READ_COV"] = _ADC_ARRAYS["READ_LAGGED"] = ("mean_codes",)
 _LINK_OPCODES = (Opcode.AUTH_CHALLENGE, Opcode.AUTH_RESPONSE)
 
 
@@ -786,6 +786,18 @@ CASES: tuple[Case, ...] = (
             Step("READ_SAMPLES", {"k": 5}, "BAD_STATE"),
             Step("READ_SAMPLES", {"k": 0}, "BAD_ARGUMENT"),
         ),
+    ),
+    Case(
+        "read_lagged",
+        "Commands / READ_LAGGED",
+        "RUN with record_lags = [0, 1, 4], then READ_LAGGED",
+        (*_ran(record_lags=np.array([0, 1, 4], dtype=np.int8)), Step("READ_LAGGED")),
+    ),
+    Case(
+        "read_lagged_not_recorded",
+        "Implementing a device / state machine",
+        "READ_LAGGED before a run, and after a run that did not record lags: BAD_STATE",
+        (Step("RESET"), Step("READ_LAGGED", status="BAD_STATE"), *_ran()[1:], Step("READ_LAGGED", status="BAD_STATE")),
     ),
     Case(
         "set_noise",
