@@ -286,8 +286,18 @@ def _vector_checks(session: _Session, folder: Path, device: str) -> Iterator[Che
     reference = folder / device / "info.json"
     exact = False
     if reference.is_file():
-        recorded = json.loads(reference.read_text())["steps"][0]
-        exact = session.held().exchange(bytes.fromhex(recorded["request"])).hex() == recorded.get("reply")
+        recorded = json.loads(reference.read_text())
+        step = recorded["steps"][0]
+        exact = session.held().exchange(bytes.fromhex(step["request"])).hex() == step.get("reply")
+        where = f"{recorded['reference']['preset']} at seed {recorded['reference']['seed']}"
+        yield Check(
+            "vectors: reply bytes",
+            "Test vectors and spu conformance",
+            True,
+            f"compared byte for byte where recorded: the device's INFO reply is the reference's ({where})"
+            if exact
+            else f"replies checked by their properties: the device's INFO reply is not the reference's ({where})",
+        )
     for path in files:
         vector = json.loads(path.read_text())
         name = f"vector {path.parent.name}/{path.stem}"

@@ -32,7 +32,9 @@ def test_every_check_passes_against_spu_serve(preset):
     with _served(preset) as server:
         checks = conformance.run(server.url)
     assert not _failed(checks), conformance.format_table(checks, server.url)
-    names = {check.name for check in checks}
+    details = {check.name: check.detail for check in checks}
+    assert details["vectors: reply bytes"].startswith("compared byte for byte")  # seed 0 is the reference
+    names = set(details)
     assert f"vector {preset}/read_mean" in names and "vector common/frame_bad_magic" in names
     assert len(checks) > 60
 
@@ -42,6 +44,7 @@ def test_a_device_with_another_seed_passes_on_properties_alone():
     with _served("spu-8", seed=5) as server:
         checks = conformance.run(server.url)
     assert not _failed(checks)
+    assert {c.name: c.detail for c in checks}["vectors: reply bytes"].startswith("replies checked by their properties")
 
 
 def test_cli_prints_json_and_exits_0(capsys):
