@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -503,6 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     conformance.add_argument(
         "--timeout", type=_positive_time, default=30.0, help="seconds to wait for each reply (default 30)"
     )
+    conformance.add_argument(
+        "--token-file", metavar="FILE", default=None, help="the device's token, if it has one (default $SPU_TOKEN)"
+    )
     conformance.set_defaults(func=_conformance)
     return parser
 
@@ -515,8 +519,14 @@ _CONFORMANCE_EPILOG = """\
 def _conformance(args: argparse.Namespace) -> int:
     from . import conformance  # the raw-frame checker loads only for this command
 
-    # a malformed address or vector folder raises InvalidInputError (exit 2), an unreachable device LinkError (1)
-    checks = conformance.run(args.url, vectors=args.vectors, timeout=args.timeout)
+    token = os.environ.get("SPU_TOKEN") or None
+    if args.token_file is not None:
+        try:
+            token = Path(args.token_file).read_bytes()
+        except OSError as exc:
+            raise InvalidInputError(f"token file {args.token_file!r} cannot be read: {exc.strerror or exc}") from None
+    # a malformed address, vector folder or token raises InvalidInputError (exit 2), an unreachable device LinkError
+    checks = conformance.run(args.url, vectors=args.vectors, timeout=args.timeout, token=token)
     print(conformance.to_json(checks, args.url) if args.json else conformance.format_table(checks, args.url))
     return 0 if all(check.passed for check in checks) else 1
 

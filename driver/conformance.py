@@ -200,8 +200,8 @@ def check_reply(expect: Mapping[str, Any], raw: bytes, reference: str | None = N
 
 
 class _Session:
-    def __init__(self, host: str, port: int, timeout: float):
-        self.host, self.port, self.timeout = host, port, timeout
+    def __init__(self, host: str, port: int, timeout: float, token: bytes | None = None):
+        self.host, self.port, self.timeout, self.token = host, port, timeout, token
         self.link: _Link | None = None
 
     def held(self) -> _Link:
@@ -211,8 +211,11 @@ class _Session:
         deadline = time.monotonic() + _FREE_WAIT_S
         while True:
             link = _Link(self.host, self.port, self.timeout)
-            header, _ = _parse(link.exchange(_request(Opcode.STATUS, None, 1)))
+            probe = Opcode.STATUS if self.token is None else Opcode.AUTH_CHALLENGE
+            header, reply = _parse(link.exchange(_request(probe, None, 1)))
             if header.status != Status.BUSY:
+                if self.token is not None:
+                    _authenticate(link, self.token, header, reply)
                 self.link = link
                 return link
             link.close()
@@ -241,6 +244,51 @@ class _Session:
         if self.link is not None:
             self.link.leave()
             self.link = None
+
+
+def _authenticate(link: _Link, token: bytes, header: wire.Header, challenge: Mapping[str, Any]) -> None:
+    """The rest of the handshake after AUTH_CHALLENGE's reply (PROTOCOL.md, Security): prove the token, check
+    the device's proof."""
+    nonce = challenge.get("nonce")
+    if _status_name(header.status) != "OK" or not wire.is_nonce(nonce) or challenge.get("required") is not True:
+        raise _Failed(
+            f"AUTH_CHALLENGE answered {_status_name(header.status)} {dict(challenge)!r:.200}; a device with a"
+            " token answers OK with a 64-hex-digit nonce and required = true"
+        )
+    host_nonce = wire.new_nonce()
+    mac = wire.auth_mac(token, wire.AUTH_HOST, nonce, host_nonce)
+    header, reply = _parse(link.exchange(_request(Opcode.AUTH_RESPONSE, {"mac": mac, "host_nonce": host_nonce}, 2)))
+    if _status_name(header.status) != "OK":
+        raise _Failed(
+            f"AUTH_RESPONSE answered {_status_name(header.status)}: {reply.get('message', '')}; is the token"
+            " the device's?"
+        )
+    proof = wire.auth_mac(token, wire.AUTH_DEVICE, nonce, host_nonce)
+    if not (wire.is_nonce(reply.get("mac")) and wire.macs_equal(reply["mac"], proof)):
+        raise _Failed("the device's proof (AUTH_RESPONSE mac) does not match the token")
+
+
+def _handshake(session: _Session, inputs: _Inputs) -> str:
+    """With a token: a command before the handshake is refused UNAUTHENTICATED, repeating opcode and request_id,
+    and runs nothing; the handshake then opens the device."""
+    session.held()  # authenticates
+    session.ok(Opcode.RESET)
+    session.close()
+    deadline = time.monotonic() + _FREE_WAIT_S
+    while True:
+        stranger = _Link(session.host, session.port, session.timeout)
+        header, reply = _parse(stranger.exchange(_request(Opcode.LOAD_VECTOR, {"codes": inputs.vector}, 31)))
+        if _status_name(header.status) != "BUSY" or time.monotonic() >= deadline:
+            break
+        stranger.close()
+        time.sleep(0.02)
+    stranger.close()
+    got = (_status_name(header.status), header.opcode, header.request_id)
+    if got != ("UNAUTHENTICATED", Opcode.LOAD_VECTOR, 31):
+        raise _Failed(f"LOAD_VECTOR before the handshake got {got}, expected UNAUTHENTICATED repeating opcode 4, id 31")
+    if _word(session)["vector_n"] != 0:
+        raise _Failed("a LOAD_VECTOR refused as UNAUTHENTICATED changed the device")
+    return ""
 
 
 # -- vectors -------------------------------------------------------------------------------------
@@ -275,6 +323,8 @@ def _replay(session: _Session, vector: Mapping[str, Any], exact: bool) -> None:
 
 def _vector_checks(session: _Session, folder: Path, device: str) -> Iterator[Check]:
     files = _vector_files(folder, device)
+    if session.token is not None:  # these describe a device without a token
+        files = [path for path in files if not (path.parent.name == "common" and path.stem.startswith("auth_"))]
     if not (folder / device).is_dir():
         yield Check(
             "vectors: device set",
@@ -518,23 +568,31 @@ _BEHAVIOUR: tuple[tuple[str, str, Callable[[_Session, _Inputs], str]], ...] = (
         _code_meaning,
     ),
 )
+_HANDSHAKE = ("with a token: nothing runs before the handshake", "Security", _handshake)
 
 
 # -- entry points ---------------------------------------------------------------------------------
 
 
-def run(url: str, *, vectors: str | Path | None = None, timeout: float = 30.0) -> list[Check]:
+def run(
+    url: str, *, vectors: str | Path | None = None, timeout: float = 30.0, token: str | bytes | None = None
+) -> list[Check]:
     """Run every check against the device at ``url`` (tcp://HOST:PORT); returns them in order.
 
-    vectors: the folder of vector sets (default firmware_spec/vectors).  Raises InvalidInputError for a
-    bad URL or folder, LinkError when the device cannot be reached at all."""
+    vectors: the folder of vector sets (default firmware_spec/vectors).  token: the device's shared secret,
+    when it has one (every connection then starts with the handshake, and a check that it is required).
+    Raises InvalidInputError for a bad URL, folder or token, LinkError when the device cannot be reached."""
     host, port = parse_url(url)
+    try:
+        secret = None if token is None else wire.check_token(token)
+    except ValueError as exc:
+        raise InvalidInputError(str(exc)) from None
     folder = VECTOR_DIR if vectors is None else Path(vectors)
     if not (folder / "common").is_dir():
         raise InvalidInputError(f"{folder} has no common/ vector set; pass the firmware_spec/vectors folder")
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise InvalidInputError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    session = _Session(host, port, float(timeout))
+    session = _Session(host, port, float(timeout), secret)
     checks: list[Check] = []
     try:
         try:
@@ -543,7 +601,8 @@ def run(url: str, *, vectors: str | Path | None = None, timeout: float = 30.0) -
             inputs = _Inputs.of(spec)
         except (_Failed, KeyError, TypeError) as exc:
             return [Check("INFO reply", "Commands / INFO", False, f"cannot read the device's spec: {exc}")]
-        for name, section, body in _BEHAVIOUR:
+        behaviour = _BEHAVIOUR if secret is None else (*_BEHAVIOUR, _HANDSHAKE)
+        for name, section, body in behaviour:
             checks.append(_run_check(name, section, lambda b=body: b(session, inputs)))
         checks.extend(_vector_checks(session, folder, str(spec.get("name", ""))))
     finally:

@@ -12,6 +12,10 @@ from .codes import from_codes
 from .errors import DeviceStateError, InvalidInputError
 from .protocol import Opcode
 
+# read_samples asks for at most this many bytes of codes per READ_SAMPLES, so the largest recording a
+# device accepts (2^25 values, 256 MiB) crosses a link whose frames hold 256 MiB in pieces
+SAMPLES_REPLY_BYTES = 64 << 20
+
 
 class Readout:
     """The read-out half of :class:`~driver.device.Device` (a mixin): it undoes the scales of the last run
@@ -63,7 +67,8 @@ class Readout:
 
         Snapshot j is the ADC conversion (j + 1) * sample_stride after burn_in of a run
         with ``record_samples >= k``.  Raises InvalidInputError for k <= 0 and
-        DeviceStateError when the last run recorded fewer than k (or none).
+        DeviceStateError when the last run recorded fewer than k (or none).  Read in requests of at
+        most 64 MiB of codes (READ_SAMPLES with ``start``), each on the timeline.
         """
         self._check_open()
         if k is not None:
@@ -78,10 +83,8 @@ class Readout:
                 f"read_samples({k}) needs that many snapshots ({did}); call run(t, burn_in,"
                 f" record_samples={k or 1}, sample_stride=...) first"
             )
-        started = time.perf_counter()
-        reply = self._call(Opcode.READ_SAMPLES, {} if k is None else {"k": int(k)})
-        self._record("read_samples", reply, started)
-        return calibration.output_codes(self, reply["codes"]) * self._user_per_code()
+        codes = _read_snapshots(self, recorded if k is None else int(k))
+        return calibration.output_codes(self, codes) * self._user_per_code()
 
     def _user_per_code(self) -> float:
         """User units per ADC code of the last run's readout: volts per code times the readout scale."""

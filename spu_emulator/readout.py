@@ -78,6 +78,9 @@ class Readout:
         k = _integer(payload, "k", -1) if "k" in payload else None
         if k is not None and k <= 0:
             raise _Refused(Status.BAD_ARGUMENT, f"k = {k} snapshots: ask for at least 1 (or leave k out for all)")
+        start = _integer(payload, "start", 0)
+        if start < 0:
+            raise _Refused(Status.BAD_ARGUMENT, f"start = {start} must be a snapshot index >= 0")
         if not self._flags & StatusBit.HAS_RUN:
             raise _Refused(
                 Status.BAD_STATE, "no run since power-on or reset; RUN with record_samples = k before READ_SAMPLES"
@@ -87,12 +90,14 @@ class Readout:
                 Status.BAD_STATE, "the last run recorded no snapshots; RUN with record_samples = k before READ_SAMPLES"
             )
         recorded = self._snapshots.shape[0]
-        if k is not None and k > recorded:
+        if start >= recorded or (k is not None and start + k > recorded):
+            asked = f"{k} from snapshot {start} on" if start else f"{k}"
             raise _Refused(
                 Status.BAD_STATE,
-                f"the last run recorded {recorded} snapshots and {k} were asked for; RUN with record_samples >= {k}",
+                f"the last run recorded {recorded} snapshots and {asked if k is not None else f'snapshot {start} on'}"
+                f" were asked for; RUN with record_samples >= {start + (k or 1)}",
             )
-        codes = self._snapshots[: recorded if k is None else k].copy()
+        codes = self._snapshots[start : recorded if k is None else start + k].copy()
         return {
             "codes": codes,
             "recorded": recorded,

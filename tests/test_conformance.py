@@ -47,7 +47,22 @@ def test_a_device_with_another_seed_passes_on_properties_alone():
     assert {c.name: c.detail for c in checks}["vectors: reply bytes"].startswith("replies checked by their properties")
 
 
-def test_cli_prints_json_and_exits_0(capsys):
+def test_a_device_with_a_token_passes_with_the_token_and_fails_without(tmp_path, monkeypatch, capsys):
+    token = "0123456789abcdef" * 4
+    with DeviceServer(Firmware(load_spec("spu-8"), seed=0), "127.0.0.1", 0, token=token).start() as server:
+        checks = conformance.run(server.url, token=token)
+        assert not _failed(checks), conformance.format_table(checks, server.url)
+        assert "with a token: nothing runs before the handshake" in {check.name for check in checks}
+        refused = _failed(conformance.run(server.url))  # no token: the device must refuse everything
+        (tmp_path / "token").write_text(token + "\n")
+        monkeypatch.delenv("SPU_TOKEN", raising=False)
+        code = cli.main(["conformance", server.url, "--token-file", str(tmp_path / "token")])
+    assert "UNAUTHENTICATED" in refused["INFO reply"]
+    assert code == 0 and "checks passed" in capsys.readouterr().out
+
+
+def test_cli_prints_json_and_exits_0(capsys, monkeypatch):
+    monkeypatch.delenv("SPU_TOKEN", raising=False)
     with _served("spu-8") as server:
         code = cli.main(["conformance", server.url, "--json"])
     report = json.loads(capsys.readouterr().out)
@@ -66,6 +81,7 @@ def test_cli_exit_codes_for_a_bad_address_and_an_absent_device(capsys):
 
 
 def test_cli_table_names_failures_and_exits_1(monkeypatch, capsys):
+    monkeypatch.delenv("SPU_TOKEN", raising=False)
     monkeypatch.setattr(wire, "_array_parts", _mis_padded)
     server = _served("spu-8")
     monkeypatch.undo()
