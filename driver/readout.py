@@ -98,3 +98,26 @@ class Readout:
             )
         volts = from_codes(calibration.output_codes(self, codes), self.info.adc_bits, self.info.adc_range_v)
         return volts * self._readout_scale
+
+
+def _read_snapshots(device: Readout, k: int) -> np.ndarray:
+    """Snapshots 0..k-1 of the last run as codes (k, n): one READ_SAMPLES when they fit SAMPLES_REPLY_BYTES,
+    else consecutive pieces (``start``, ``k``) written into one array, so the host holds them once."""
+    rows = max(1, SAMPLES_REPLY_BYTES // (8 * device.info.cells))  # n <= cells; refined from the first reply
+    codes = None
+    start = 0
+    while start < k:
+        count = min(rows, k - start)
+        request = {"k": count} if start == 0 else {"k": count, "start": start}  # start only where needed
+        started = time.perf_counter()
+        reply = device._call(Opcode.READ_SAMPLES, request)
+        device._record("read_samples", reply, started)
+        piece = reply["codes"]
+        if codes is None:
+            if piece.shape[0] == k:
+                return piece
+            codes = np.empty((k, piece.shape[1]))
+            rows = max(1, SAMPLES_REPLY_BYTES // (8 * piece.shape[1]))  # the next pieces at the size that fits
+        codes[start : start + piece.shape[0]] = piece
+        start += piece.shape[0]
+    return codes

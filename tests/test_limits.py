@@ -106,3 +106,76 @@ def test_the_server_drops_a_silent_holder_by_default_and_answers_busy_past_the_w
                 time.sleep(0.1)
         else:
             pytest.fail("the device was not freed")
+
+
+# -- read_samples in pieces ----------------------------------------------------------------------------------
+def _recorded_device(url_or_spec: str, seed: int = 4) -> driver.Device:
+    dev = driver.open(url_or_spec, seed=seed) if not url_or_spec.startswith("tcp://") else driver.open(url_or_spec)
+    dev.load_matrix(np.array([[2.0, 0.3, 0.0], [0.3, 1.5, 0.2], [0.0, 0.2, 1.0]]))
+    dev.load_vector(np.array([0.2, -0.1, 0.3]), scale="auto")
+    dev.run(t=40.0, burn_in=20.0, record_samples=10, sample_stride=2)
+    return dev
+
+
+@pytest.mark.parametrize("where", ["in-process", "tcp"])
+def test_read_samples_reads_a_large_recording_in_pieces(where, monkeypatch):
+    from spu_emulator import Firmware, load_spec
+    from spu_emulator.server import DeviceServer
+
+    with _recorded_device("spu-8") as whole_dev:
+        whole = whole_dev.read_samples()
+        first = whole_dev.read_samples(4)
+    monkeypatch.setattr(driver.readout, "SAMPLES_REPLY_BYTES", 3 * 8 * 3)  # 3 rows of n = 3 per request
+    if where == "tcp":
+        server = DeviceServer(Firmware(load_spec("spu-8"), seed=4), "127.0.0.1", 0).start()
+        dev = _recorded_device(server.url)
+    else:
+        server, dev = None, _recorded_device("spu-8")
+    try:
+        calls = dev.timeline.calls
+        pieces = dev.read_samples()
+        assert dev.timeline.calls - calls == 4  # 10 snapshots: 1 (sized by spu-8's 8 cells), then 3, 3, 3
+        assert np.array_equal(pieces, whole) and np.array_equal(dev.read_samples(4), first)
+    finally:
+        dev.close()
+        if server is not None:
+            server.shutdown()
+
+
+def test_read_samples_start_is_checked_on_the_device():
+    from driver.protocol import Opcode, Status
+
+    with _recorded_device("spu-8") as dev:
+        firmware = dev.transport.firmware
+        status, whole = firmware.handle(Opcode.READ_SAMPLES, {})
+        status, part = firmware.handle(Opcode.READ_SAMPLES, {"start": 7})
+        assert status == Status.OK and np.array_equal(part["codes"], whole["codes"][7:]) and part["recorded"] == 10
+        status, part = firmware.handle(Opcode.READ_SAMPLES, {"start": 2, "k": 3})
+        assert np.array_equal(part["codes"], whole["codes"][2:5])
+        status, reply = firmware.handle(Opcode.READ_SAMPLES, {"start": 8, "k": 3})
+        assert status == Status.BAD_STATE and "record_samples >= 11" in reply["message"]
+        assert firmware.handle(Opcode.READ_SAMPLES, {"start": 10})[0] == Status.BAD_STATE
+        status, reply = firmware.handle(Opcode.READ_SAMPLES, {"start": -1})
+        assert status == Status.BAD_ARGUMENT and "start = -1" in reply["message"]
+
+
+@pytest.mark.slow
+def test_the_largest_recording_the_device_accepts_is_read_over_tcp():
+    """2^25 snapshot values (256 MiB, the wire's largest payload) recorded on 1,024 cells and read back."""
+    from spu_emulator import Firmware, load_spec
+    from spu_emulator.recording import _MAX_SNAPSHOT_VALUES
+    from spu_emulator.server import DeviceServer
+
+    n = 1024
+    k = _MAX_SNAPSHOT_VALUES // n
+    spec = load_spec("ideal", {"adc.sample_rate": 100.0})
+    with DeviceServer(Firmware(spec, seed=0), "127.0.0.1", 0).start() as server:
+        with driver.open(server.url, timeout=600) as dev:
+            J = np.full((1, n), 0.01)
+            dev.load_matrix(driver.GGN(J, np.eye(1), damping=1.0))
+            dev.load_vector(np.linspace(-0.5, 0.5, n))
+            dev.run(t=k / 100.0 + 2.0, burn_in=1.0, record_samples=k)
+            samples = dev.read_samples()
+    assert samples.shape == (k, n) and np.all(np.isfinite(samples))
+    # b sums to 0, so it is an eigenvector of J^T J + I with eigenvalue 1: the settled state is b itself
+    assert np.allclose(samples[-1], np.linspace(-0.5, 0.5, n), atol=1e-6)
