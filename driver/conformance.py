@@ -330,8 +330,8 @@ def _vector_checks(session: _Session, folder: Path, device: str) -> Iterator[Che
             "vectors: device set",
             "Test vectors",
             False,
-            f"no vectors for a device named {device!r} in {folder}; generate them for its spec"
-            " (python -m spu_emulator.vectors) or pass --vectors; ran the common ones only",
+            f"no vectors for a device named {device!r} in {folder}; ran the common ones only. Make its set from"
+            " its spec (python -m spu_emulator.vectors --spec SPEC.yaml --path DIR --write) and pass --vectors DIR",
         )
     reference = folder / device / "info.json"
     exact = False

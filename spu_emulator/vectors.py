@@ -51,7 +51,6 @@ __all__ = [
     "CASES",
     "Reference",
     "generate",
-    "generate_files",
     "main",
 ]
 
@@ -979,23 +978,24 @@ def _comparable(vector: dict[str, Any]) -> list[Any]:
     return [step["expect"] for step in vector["steps"]]
 
 
-def generate(presets: Sequence[str] | None = None, cases: Sequence[Case] = CASES) -> dict[str, str]:
-    """Every vector file, as {path relative to firmware_spec/vectors: JSON text}.
+def generate(specs: Sequence[str | Path] | None = None, cases: Sequence[Case] = CASES) -> dict[str, str]:
+    """Every vector file, as {path relative to firmware_spec/vectors: JSON text}, for the given presets or spec
+    files (default: every preset), each in a folder named by its spec's ``name``.
 
-    A common case is run on every preset and must expect the same of each (else it is not common)."""
-    presets = list(preset_names() if presets is None else presets)
-    specs = {name: load_spec(name) for name in presets}
+    A common case is run on every spec and must expect the same of each (else it is not common).
+    Cost: one in-memory Firmware per case and spec; a few seconds for the presets."""
+    loaded = [load_spec(spec) for spec in (preset_names() if specs is None else specs)]
+    by_name = {spec.name: spec for spec in loaded}
     files: dict[str, str] = {}
     for case in cases:
         if case.common:
-            vector = run_case(case, specs.get(_COMMON_PRESET) or load_spec(_COMMON_PRESET))
-            for name, spec in specs.items():
-                other = run_case(case, spec)
-                if _comparable(other) != _comparable(vector):
+            vector = run_case(case, by_name.get(_COMMON_PRESET) or load_spec(_COMMON_PRESET))
+            for name, spec in by_name.items():
+                if _comparable(run_case(case, spec)) != _comparable(vector):
                     raise AssertionError(f"common vector {case.name} expects other replies of {name}")
             files[f"{COMMON}/{case.name}.json"] = _dump(vector)
             continue
-        for name, spec in specs.items():
+        for name, spec in by_name.items():
             if case.applies is None or case.applies(spec):
                 files[f"{name}/{case.name}.json"] = _dump(run_case(case, spec))
     return files
@@ -1005,28 +1005,26 @@ def _dump(vector: dict[str, Any]) -> str:
     return json.dumps(vector, indent=1) + "\n"
 
 
-def generate_files(folder: Path = VECTOR_DIR) -> tuple[list[str], list[str]]:
-    """(stale or missing files, files no case makes) of ``folder`` against :func:`generate`."""
-    files = generate()
-    stale = [
-        path for path, text in files.items() if not (folder / path).is_file() or (folder / path).read_text() != text
-    ]
-    extra = sorted(
-        str(path.relative_to(folder)) for path in folder.glob("*/*.json") if str(path.relative_to(folder)) not in files
-    )
-    return stale, extra
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m spu_emulator.vectors", description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help="rewrite firmware_spec/vectors/ from the cases")
+    parser.add_argument("--write", action="store_true", help="rewrite the vector folder from the cases")
     parser.add_argument("--path", type=Path, default=VECTOR_DIR, help="the vector folder (default: firmware_spec's)")
+    parser.add_argument(
+        "--spec",
+        action="append",
+        metavar="SPEC",
+        help="a preset or device spec YAML to make vectors for (repeatable; default: every preset), e.g. a board's"
+        " spec, for `spu conformance --vectors DIR`",
+    )
     args = parser.parse_args(argv)
-    files = generate()
+    files = generate(args.spec)
+    folders = {path.split("/")[0] for path in files}
     stale = [p for p, text in files.items() if not (args.path / p).is_file() or (args.path / p).read_text() != text]
-    extra = [
-        str(p.relative_to(args.path)) for p in args.path.glob("*/*.json") if str(p.relative_to(args.path)) not in files
-    ]
+    extra = sorted(
+        str(p.relative_to(args.path))
+        for p in args.path.glob("*/*.json")
+        if p.parent.name in folders and str(p.relative_to(args.path)) not in files
+    )
     if not stale and not extra:
         print(f"{args.path}: {len(files)} vectors up to date")
         return 0

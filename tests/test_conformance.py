@@ -39,6 +39,24 @@ def test_every_check_passes_against_spu_serve(preset):
     assert len(checks) > 60
 
 
+def test_a_board_with_its_own_spec_passes_against_vectors_made_from_it(tmp_path):
+    """A device the presets do not describe: its vectors come from its spec (python -m spu_emulator.vectors
+    --spec FILE); without them only the common vectors run, and the table says so."""
+    from spu_emulator import vectors
+    from spu_emulator.spec import spec_to_yaml
+
+    board = load_spec("spu-8", {"cells.count": 4, "adc.bits": 10})
+    spec_file = tmp_path / "board.yaml"
+    spec_file.write_text(spec_to_yaml(board).replace("name: spu-8", "name: my-board"))
+    assert vectors.main(["--spec", str(spec_file), "--path", str(tmp_path / "vectors"), "--write"]) == 0
+    with DeviceServer(Firmware(load_spec(spec_file), seed=0), "127.0.0.1", 0).start() as server:
+        own = conformance.run(server.url, vectors=tmp_path / "vectors")
+        presets_only = _failed(conformance.run(server.url))
+    assert not _failed(own), conformance.format_table(own, server.url)
+    assert any(check.name == "vector my-board/read_mean" for check in own)
+    assert list(presets_only) == ["vectors: device set"] and "my-board" in presets_only["vectors: device set"]
+
+
 def test_a_device_with_another_seed_passes_on_properties_alone():
     """Seed 5 is not the recorded reference, so replies are checked by their properties, not their bytes."""
     with _served("spu-8", seed=5) as server:
