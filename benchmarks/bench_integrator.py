@@ -27,7 +27,9 @@ least 1e6 steps per second at N = 8.  A last line times the public driver end to
 end at N = 8 (``driver.open("ideal")``, load, one long ``run`` on the transient
 engine), so the cost of the command layer shows beside the kernel's; "ideal" has
 no noise, so it steps faster than the table's noisy N = 8 row, and a second line
-does the same on "spu-8" (noise, rails, 12-bit converters).
+does the same on "spu-8" (noise, rails, 12-bit converters).  The last line measures the
+stationary variance of the stiffest mode at the default step (issue 14's target: within
+0.2 % of kappa0 / lam, where Euler-Maruyama's is about step_factor / 2 = 1 % high).
 
 BLAS threads: unless already set in the environment, this script sets
 OPENBLAS_NUM_THREADS, OMP_NUM_THREADS and MKL_NUM_THREADS to 1 before numpy is
@@ -94,6 +96,7 @@ class EngineLoad:
     rng: np.random.Generator
     acc: np.ndarray
     work: np.ndarray
+    noise_prev: np.ndarray | None = None  # the Leimkuhler-Matthews step's last normals, kept across calls
 
     @property
     def no_snapshots(self) -> np.ndarray:
@@ -103,12 +106,16 @@ class EngineLoad:
     def run(self, n_steps: int) -> float:
         """Integrate n_steps from the present state; returns the wall time (s) of the kernel call."""
         self.acc[:] = 0.0
+        if self.noise_prev is None:
+            self.noise_prev = np.zeros(self.state.shape[0])
+            _kernels._draw_normals(self.rng, self.noise_prev)
         started = time.perf_counter()
         steps, _, saturated, _, runaway = _kernels._run_rc(
             self.drift,
             self.force,
             self.noise_sd,
             self.state,
+            self.noise_prev,
             self.dt,
             n_steps,
             self.steps_per_sample,
@@ -289,7 +296,38 @@ def main(argv: list[str] | None = None) -> int:
     driver_steps = 1_000_000 if args.quick else 10_000_000
     for preset in ("ideal", "spu-8"):
         print(driver_end_to_end(preset, 8, driver_steps, args.seed))
+    print(stationary_variance(1 if args.quick else 8, args.seed))
     return 0
+
+
+def stationary_variance(runs: int, seed: int) -> str:
+    """The transient engine's stationary variance of its stiffest mode at the default step, against kappa0 / lam.
+
+    One cell of rate lam = 1 on "ideal" with kappa0 = 0.01 V^2 / tau: dt = step_factor / lam = 0.02 tau, the
+    case where Euler-Maruyama's variance kappa0 / (lam (1 - lam dt / 2)) is 1 % high.  ``runs`` consecutive runs
+    of 2.5e5 tau (1.25e7 steps each; the state and the step's noise carry over) record the covariance of their
+    conversions, one per tau; their spread gives the standard error of the mean ratio.
+    """
+    kappa0, t = 0.01, 2.5e5
+    ratios = []
+    with driver.open("ideal", seed=seed, overrides={"noise.kappa0": kappa0}) as dev:
+        dev.load_matrix(np.eye(1), scale=1.0)
+        dev.load_vector(np.zeros(1), scale=1.0)
+        dev.run(100.0, engine="transient")  # from 0 to the stationary law
+        started = time.perf_counter()
+        for _ in range(runs):
+            report = dev.run(t, 0.0, engine="transient", record_cov=True)
+            ratios.append(float(dev.read_cov()[0, 0]) / kappa0)
+        wall = time.perf_counter() - started
+    mean = float(np.mean(ratios))
+    error = float(np.std(ratios, ddof=1) / math.sqrt(runs)) if runs > 1 else float("nan")
+    euler = 1.0 / (1.0 - report.dt / 2.0)
+    return (
+        f"stationary variance, one cell of rate 1 at dt = {report.dt:g} tau (default step_factor): measured /"
+        f" kappa0 / lam = {mean:.5f} +- {error:.5f} (standard error over {runs} runs of {t:g} tau,"
+        f" {runs * report.steps / wall:.3g} steps/s); target within 0.2 %; plain Euler-Maruyama's would be"
+        f" {euler:.5f} (analytic, 1 / (1 - lam dt / 2))"
+    )
 
 
 if __name__ == "__main__":

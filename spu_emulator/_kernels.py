@@ -4,6 +4,20 @@ Every kernel takes preallocated arrays and a ``numpy.random.Generator``; the
 draw order is part of the contract (tests replay it with numpy):
 each step draws one normal per cell, in cell order, when any cell is noisy;
 each ADC conversion draws one normal per cell, in cell order, when the ADC is noisy.
+The RC kernels carry the step's previous normals in ``noise_prev`` (the
+Leimkuhler-Matthews step below), which the engine draws with
+:func:`_draw_normals` once per run, before the first step, when any cell is noisy.
+
+The RC step is Euler-Maruyama with the Leimkuhler-Matthews noise term,
+
+    V_{k+1} = V_k + dt (force - M V_k) + noise_sd sqrt(dt) (z_k + z_{k+1}) / 2,
+
+as cheap as Euler-Maruyama (one new normal per cell per step), and for a linear array its
+stationary covariance is the continuous one exactly when M is symmetric with equal noise per
+cell (for one mode of rate lam: sigma^2 / (2 lam), where Euler's is sigma^2 / (2 lam (1 - lam dt / 2)),
+about step_factor / 2 too large).  With V = u + (B / 2) z, B = noise_sd sqrt(dt), u is the Markov
+chain u_{k+1} = F u_k + dt force + (I + F) B z_k / 2, F = I - dt M, which is how the tests
+derive its exact moments for any M.
 """
 
 from __future__ import annotations
@@ -62,6 +76,7 @@ def _run_rc(
     force,
     noise_sd,
     state,
+    noise_prev,
     dt,
     n_steps,
     steps_per_sample,
@@ -79,10 +94,13 @@ def _run_rc(
     snapshots,
     snapshot_stride,
 ):
-    """Euler-Maruyama on dV = (force - drift @ V) dt + noise_sd * sqrt(dt) * N(0, 1).
+    """dV = (force - drift @ V) dt + noise_sd dW, stepped as the module docstring says (Euler-Maruyama
+    with the Leimkuhler-Matthews noise term).
 
     drift: (n, n) M = C^-1 a; force: (n,) C^-1 (gin u + gtot v_os); noise_sd: (n,)
-    sqrt(2 kappa_i) / c_i, volts per sqrt(tau); state: (n,) volts, updated in place.
+    sqrt(2 kappa_i) / c_i, volts per sqrt(tau); state: (n,) volts, updated in place;
+    noise_prev: (n,) the last step's normals z_k, updated in place (a run split into
+    several calls passes the same array on, and gets the same bits as one call).
     rail_v <= 0 means no rails.  Every ``steps_per_sample`` steps from
     ``first_sample_step`` on, each cell is converted and its code added to ``acc``;
     the conversions are also recorded into ``cov_acc`` and ``snapshots`` as
@@ -112,7 +130,7 @@ def _run_rc(
             np.dot(drift, state, work)
         for i in range(n):
             work[i] = force[i] - work[i]
-        hit, runaway = _advance(state, work, dt, step_sd, noisy, rail_v, rng)
+        hit, runaway = _advance(state, work, dt, step_sd, noisy, rail_v, rng, noise_prev)
         saturated = saturated or hit
         if runaway:
             return step, samples, saturated, clipped, True
@@ -148,8 +166,16 @@ def _record(codes, index, cov_acc, snapshots, snapshot_stride):
 
 
 @njit(cache=True)
-def _advance(state, rate, dt, step_sd, noisy, rail_v, rng):
-    """One Euler-Maruyama step V += rate dt + step_sd N(0, 1), then the rails (rail_v <= 0: none).
+def _draw_normals(rng, out):
+    """out[i] = N(0, 1) for each cell in order: the first noise_prev of a run."""
+    for i in range(out.shape[0]):
+        out[i] = rng.standard_normal()
+
+
+@njit(cache=True)
+def _advance(state, rate, dt, step_sd, noisy, rail_v, rng, noise_prev):
+    """One step V += rate dt + step_sd (z_prev + z) / 2 (Leimkuhler-Matthews), then the rails
+    (rail_v <= 0: none); z is stored in noise_prev for the next step.
 
     Returns (a node hit a rail, a node ran away past RUNAWAY_V).  Draws one normal per cell when noisy."""
     saturated = False
@@ -157,7 +183,9 @@ def _advance(state, rate, dt, step_sd, noisy, rail_v, rng):
     for i in range(state.shape[0]):
         v = state[i] + dt * rate[i]
         if noisy:
-            v += step_sd[i] * rng.standard_normal()
+            z = rng.standard_normal()
+            v += step_sd[i] * 0.5 * (noise_prev[i] + z)
+            noise_prev[i] = z
         if rail_v > 0.0:
             if v > rail_v:
                 v = rail_v
@@ -202,6 +230,7 @@ def _run_ggn(
     force,
     noise_sd,
     state,
+    noise_prev,
     dt,
     n_steps,
     steps_per_sample,
@@ -221,15 +250,15 @@ def _run_ggn(
     stage1,
     stage2,
 ):
-    """Euler-Maruyama on the structured array of a GGN load (TNGD App. C), never forming n x n:
+    """The structured array of a GGN load (TNGD App. C), stepped as ``_run_rc``, never forming n x n:
 
-        dV = (force - M V) dt + noise_sd * sqrt(dt) * N(0, 1),   M V = inv_c * (jt^T (h (j V)) + damping * V)
+        dV = (force - M V) dt + noise_sd dW,   M V = inv_c * (jt^T (h (j V)) + damping * V)
 
     j: (m, n) J array conductances in g0 (stage 1: y = j V, volts); h: (m, m) H array (stage 2:
     z = h y); jt: (m, n) the J^T array in J's orientation (cell i receives sum_k jt[k, i] z_k);
     damping: (n,) each cell's damping conductance; inv_c: (n,) 1 / c_i; stage1, stage2: (m,)
     scratch arrays for the two stages.  Everything else (force, noise_sd, rails, the ADC, the
-    accumulators, the draw order and the return value) is as in ``_run_rc``.
+    accumulators, noise_prev, the draw order and the return value) is as in ``_run_rc``.
     Cost O(n_steps * n * m), plus what recording costs as in ``_run_rc``.
     """
     n = state.shape[0]
@@ -249,7 +278,7 @@ def _run_ggn(
         np.dot(stage2, jt, work)
         for i in range(n):
             work[i] = force[i] - inv_c[i] * (work[i] + damping[i] * state[i])
-        hit, runaway = _advance(state, work, dt, step_sd, noisy, rail_v, rng)
+        hit, runaway = _advance(state, work, dt, step_sd, noisy, rail_v, rng, noise_prev)
         saturated = saturated or hit
         if runaway:
             return step, samples, saturated, clipped, True

@@ -62,6 +62,8 @@ class Engines:
         state = self._phase_state()
         acc = np.zeros(n)
         scratch = np.empty(n)
+        rng_before = self._rng.bit_generator.state
+        noise_prev = self._carried_noise(n, matrix)
 
         def advance(n_steps, first_sample_step, snapshots, stride):
             adc_args = (
@@ -104,6 +106,7 @@ class Engines:
                     self._force,
                     matrix.noise_sd,
                     state,
+                    noise_prev,
                     dt,
                     n_steps,
                     steps_per_sample,
@@ -117,6 +120,7 @@ class Engines:
                 self._force,
                 matrix.noise_sd,
                 state,
+                noise_prev,
                 dt,
                 n_steps,
                 steps_per_sample,
@@ -124,7 +128,6 @@ class Engines:
                 *adc_args,
             )
 
-        rng_before = self._rng.bit_generator.state
         if record.lagged_on:
             steps, samples, saturated, clipped, runaway = _advance_lagged(
                 advance, record, n, n_steps, steps_per_sample, first_sample_step
@@ -197,11 +200,31 @@ class Engines:
         """The drive of the exact engine's form, (n,) or (2n,) like :meth:`_phase_state`."""
         return self._oscillator.phase_force(self._force) if self._lc else self._force
 
+    def _carried_noise(self, n: int, matrix) -> np.ndarray:
+        """The last normals z of the Leimkuhler-Matthews step (``_kernels``) for this run, a copy: the previous
+        transient run's when it ended on n cells, else drawn now (none for oscillator cells or without
+        noise).  Carrying them makes consecutive transient runs one chain, so a run boundary does not
+        disturb the stationary variance; they are kept only with the state (``_store_state``)."""
+        if self._lc or not np.any(matrix.noise_sd != 0.0):
+            self._next_noise_prev = None
+            return np.zeros(0 if self._lc else n)
+        carried = self._noise_prev
+        if carried is not None and carried.shape[0] == n:
+            noise_prev = carried.copy()
+        else:
+            noise_prev = np.empty(n)
+            _kernels._draw_normals(self._rng, noise_prev)
+        self._next_noise_prev = noise_prev
+        return noise_prev
+
     def _store_state(self, state: np.ndarray) -> None:
+        """Keep a run's final state, and its carried normals (None after an exact run: the next transient
+        run draws fresh ones, which are as independent of an exactly drawn state)."""
         n = self._matrix.n
         self._state[:n] = state[:n]
         if self._lc:
             self._momentum[:n] = state[n:]
+        self._noise_prev, self._next_noise_prev = self._next_noise_prev, None
 
     def _linear_is_safe(self, t: float, burn_in: float) -> bool:
         """True when the exact engine is exact for a run (t, burn_in) from the present state.
@@ -337,6 +360,7 @@ class Engines:
         return ""
 
     def _run_exact(self, t: float, burn_in: float, record: _Record | None = None):
+        self._next_noise_prev = None
         model = self._linear_model()
         if model is None:
             raise _Refused(

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .arrays import K_BOLTZMANN, ArrayProgramming, ProgrammedGGN, ProgrammedMatrix
+from .budget import check_budget, dense_bytes, ggn_bytes, recording_bytes
 from .converters import check_codes
 from .engines import _UNSTABLE, Engines
 from .exact import LinearModel, LowRankModel
@@ -97,8 +98,14 @@ class Firmware(ArrayProgramming, Engines, Readout):
         self._rng = np.random.Generator(np.random.PCG64(noise_seed))
         self._state = np.zeros(self.spec.cells.count)
         self._momentum = np.zeros(self.spec.cells.count)  # inductor flux p of oscillator cells
+        # the last normals of the transient RC step, carried between runs with the state (engines)
+        self._noise_prev: np.ndarray | None = None
+        self._next_noise_prev: np.ndarray | None = None
         self._oscillator: OscillatorArray | None = None
         self._kappa0 = self.spec.noise.kappa0  # SET_NOISE changes it until the next RESET
+        # RESET frees the caches of the last loads too (mismatch factors and array memory: redrawn when needed)
+        self._mismatch_cache = self._ggn_mismatch_cache = None
+        self._ggn_arrays = {}
         if self._lc:  # SET_DAMPING changes the damping resistors until the next RESET: redraw the spec's
             self.oscillator_parts = draw_oscillator_parts(self.spec, self._seed)
         self._cov_acc: np.ndarray | None = None  # sum of code code^T over the last run, if it recorded
@@ -155,6 +162,7 @@ class Firmware(ArrayProgramming, Engines, Readout):
                 f"a dense matrix of size {n} is larger than the {dense} x {dense} dense array of {self.spec.name}"
                 " (coupling.max_dense_size); load a structured curvature with LOAD_GGN, or use a larger spec",
             )
+        check_budget(self.spec, dense_bytes(n), f"a dense load of size {n}", "load a smaller matrix")
         why = check_codes(codes, self.spec.coupling.element_bits, self.spec.coupling.g_max, "element")
         if why:
             raise _Refused(Status.BAD_ARGUMENT, why)
@@ -195,6 +203,8 @@ class Firmware(ArrayProgramming, Engines, Readout):
                 f"a GGN with m = {m} rows does not fit: the structured arrays of {self.spec.name} have {has}"
                 " (coupling.max_ggn_rows); use a smaller batch, or a spec with wider arrays",
             )
+        what = f"a GGN load of m = {m} rows on N = {n} cells"
+        check_budget(self.spec, ggn_bytes(m, n), what, "use a smaller batch (fewer rows)")
         bits, g_max = self.spec.coupling.element_bits, self.spec.coupling.g_max
         self._check_ggn_codes(j_codes, "J element")
         for codes, what in ((h_codes, "H element"), (damping_code, "damping element")):
@@ -246,7 +256,15 @@ class Firmware(ArrayProgramming, Engines, Readout):
                 f" more than the {self._dense_size()} of the dense array (coupling.max_dense_size); record"
                 " snapshots (record_samples) instead",
             )
-        record = _Record.from_payload(payload, matrix.n, engine)
+        record = _Record.from_payload(payload, matrix.n, engine)  # zeroed buffers: no page is touched yet
+        if record.on or record.lagged_on:
+            loaded = ggn_bytes(matrix.m, matrix.n) if isinstance(matrix, ProgrammedGGN) else dense_bytes(matrix.n)
+            check_budget(
+                self.spec,
+                loaded + recording_bytes(record),
+                f"this run's recording with the programmed array (n = {matrix.n})",
+                "record fewer snapshots or lags per run",
+            )
         model = self._linear_model()
         if not self.spec.rails.enabled and model is not None and not model.stable:
             # with no rails to stop it the state would grow without bound; refuse before running

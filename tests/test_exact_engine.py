@@ -7,7 +7,7 @@ Three kinds of check, none against the engine's own formulas:
 - exact vs transient: the same runs on both engines (``run(..., engine=...)``)
   over many seeds; the two-sample differences of the means and covariances of
   ``read_mean`` and ``read_state`` must lie within Z standard errors, plus the
-  Euler-Maruyama bias of the transient engine (see below);
+  the step bias of the transient engine (see below);
 - exact vs references computed here with ``scipy.linalg.expm`` and
   ``scipy.linalg.solve_continuous_lyapunov`` (cross-checked by Van Loan's block
   exponential): the not yet stationary mean and covariance of the state from
@@ -22,13 +22,15 @@ a run that passes keeps passing).  For S independent draws of a Gaussian vector
 with covariance C: the sample mean has standard error sqrt(C_ii / S); a sample
 covariance entry has variance (C_ij^2 + C_ii C_jj) / S.
 
-Euler bias.  The transient engine is Euler-Maruyama with step dt =
-RunReport.dt; for a mode of rate lam its stationary variance is
-s^2 / (2 lam (1 - lam dt / 2)), a relative excess of about lam dt / 2, which
-dt <= step_factor / ||M||_2 keeps at or below step_factor / 2 = 1 %.  Its means
-are unbiased (the fixed point of the Euler map is V*).  Exact-vs-transient
-covariance checks therefore allow lam_max dt / 2 * sqrt(C_ii C_jj) on top of the
-statistical tolerance, with lam_max from the programmed drift.
+Step bias.  The transient engine steps with dt = RunReport.dt (Euler-Maruyama with
+the Leimkuhler-Matthews noise term, spu_emulator._kernels): its stationary
+covariance is exact for a symmetric drift with equal noise per cell, and otherwise,
+like its lagged covariances (which decay as (1 - lam dt)^m, not e^{-lam Delta}),
+off by at most about lam dt / 2 relative, which dt <= step_factor / ||M||_2 keeps at
+or below step_factor / 2 = 1 %.  Its means are unbiased (the fixed point of the
+step is V*).  Exact-vs-transient covariance checks therefore allow
+lam_max dt / 2 * sqrt(C_ii C_jj) on top of the statistical tolerance, with lam_max
+from the programmed drift.
 
 Replicas.  To get many independent draws per (costly) ``driver.open``, a small
 matrix is loaded as R copies on the block diagonal: with diagonal noise the
@@ -288,7 +290,7 @@ ENGINE_CASES = {
 
 
 def engine_draws(path, matrix, symmetric, engine, seeds, form):
-    """read_mean and read_state side by side (S, 6) over seeds, and the largest Euler bias lam_max * dt / 2 seen."""
+    """read_mean and read_state side by side (S, 6) over seeds, and the largest step bias lam_max * dt / 2 seen."""
     means, states, bias = [], [], 0.0
     for seed in seeds:
         with driver.open(path, seed=seed) as dev:
@@ -307,7 +309,7 @@ def engine_draws(path, matrix, symmetric, engine, seeds, form):
 
 
 def assert_same_distribution(exact_draws, transient_draws, bias):
-    """Two-sample check of means and covariances; covariances may differ by the relative Euler bias too."""
+    """Two-sample check of means and covariances; covariances may differ by the relative step bias too."""
     count = exact_draws.shape[0]
     assert transient_draws.shape[0] == count
     cov_e, cov_t = np.cov(exact_draws.T), np.cov(transient_draws.T)
@@ -316,7 +318,7 @@ def assert_same_distribution(exact_draws, transient_draws, bias):
     gap = np.abs(exact_draws.mean(axis=0) - transient_draws.mean(axis=0))
     np.testing.assert_array_less(gap, Z * np.sqrt((d_e + d_t) / count), err_msg="means")
     # difference of two sample covariances: variance (C_ij^2 + C_ii C_jj) / S from each sample; plus the
-    # transient engine's bias of about lam dt / 2 relative (Euler-Maruyama at step dt)
+    # transient engine's step bias of at most about lam dt / 2 relative
     spread = np.sqrt((cov_e**2 + np.outer(d_e, d_e) + cov_t**2 + np.outer(d_t, d_t)) / count)
     scale = np.sqrt(np.outer(d_e + d_t, d_e + d_t)) / 2.0
     np.testing.assert_array_less(np.abs(cov_e - cov_t), Z * spread + bias * scale, err_msg="covariances")

@@ -77,7 +77,8 @@ def programmed_solution(ggn: driver.GGN, g: np.ndarray, info: driver.DeviceInfo,
 
 # --------------------------------------------------------------------------- the kernel against numpy
 def reference_run_ggn(j, h, jt, damping, inv_c, force, noise_sd, state, dt, n_steps, sps, first, rail_v, adc, rng):
-    """Euler-Maruyama V <- V + dt (force - inv_c (jt^T h j V + damping V)) + noise_sd sqrt(dt) z, step by step.
+    """V <- V + dt (force - inv_c (jt^T h j V + damping V)) + noise_sd sqrt(dt) (z_prev + z) / 2, step by step
+    (the Leimkuhler-Matthews noise term; the first z_prev is drawn before the first step).
 
     The same rails, run-away and ADC rules as tests/test_kernel_reference.reference_run_rc; each step draws
     one normal per cell when any cell is noisy, each conversion one per cell when the ADC is noisy.
@@ -88,12 +89,15 @@ def reference_run_ggn(j, h, jt, damping, inv_c, force, noise_sd, state, dt, n_st
     n = v.shape[0]
     step_sd = noise_sd * math.sqrt(dt)
     noisy = bool(np.any(step_sd != 0.0))
+    previous = rng.standard_normal(n) if noisy else None
     samples = clipped = 0
     saturated = False
     for step in range(1, n_steps + 1):
         v = v + dt * (force - inv_c * (jt.T @ (h @ (j @ v)) + damping * v))
         if noisy:
-            v = v + step_sd * rng.standard_normal(n)
+            z = rng.standard_normal(n)
+            v = v + step_sd * 0.5 * (previous + z)
+            previous = z
         if rail_v > 0.0:
             saturated = saturated or bool(np.any(np.abs(v) > rail_v))
             v = np.clip(v, -rail_v, rail_v)
@@ -116,8 +120,12 @@ def kernel_run_ggn(j, h, jt, damping, inv_c, force, noise_sd, state, dt, n_steps
     v = np.array(state, dtype=np.float64)
     acc = np.zeros_like(v)
     n, m = v.shape[0], j.shape[0]
+    noise_prev = np.zeros(n)
+    if np.any(noise_sd != 0.0):  # as the engine does, once per run
+        _kernels._draw_normals(rng, noise_prev)
     out = _kernels._run_ggn(
-        j, h, jt, damping, inv_c, force, noise_sd, v, float(dt), int(n_steps), int(sps), int(first), float(rail_v),
+        j, h, jt, damping, inv_c, force, noise_sd, v, noise_prev, float(dt), int(n_steps), int(sps), int(first),
+        float(rail_v),
         gain, offset, float(noise_v), float(lsb), float(top), rng, acc, np.empty(n),
         np.zeros((0, 0)), np.zeros((0, n)), 1, np.empty(m), np.empty(m),
     )  # fmt: skip
@@ -188,7 +196,7 @@ def test_kernel_recording_draws_nothing():
         rng = np.random.default_rng(1)
         state, acc, snaps = np.zeros(n), np.zeros(n), np.zeros((k, n))
         _kernels._run_ggn(
-            *common[:7], state, *common[8:], *adc, rng, acc, np.empty(n), np.zeros((0, 0)), snaps, 2,
+            *common[:7], state, np.zeros(n), *common[8:], *adc, rng, acc, np.empty(n), np.zeros((0, 0)), snaps, 2,
             np.empty(m), np.empty(m),
         )  # fmt: skip
         outs.append((state, acc, rng.bit_generator.state, snaps))

@@ -97,7 +97,8 @@ def reference_run_rc(
     snapshots=None,
     stride=1,
 ):
-    """Euler-Maruyama V <- V + dt (force - drift V) + noise_sd sqrt(dt) z, one step at a time.
+    """V <- V + dt (force - drift V) + noise_sd sqrt(dt) (z_prev + z) / 2, one step at a time (Euler-Maruyama
+    with the Leimkuhler-Matthews noise term); the first z_prev is drawn before the first step.
 
     Rails (rail_v > 0) clip V and set ``saturated``; without rails a step after which some
     |V_i| >= RUNAWAY_V (or is NaN) ends the run, the whole step done, with ``runaway``.  From
@@ -112,12 +113,15 @@ def reference_run_rc(
     n = v.shape[0]
     step_sd = noise_sd * np.sqrt(dt)
     noisy = bool(np.any(step_sd != 0.0))
+    previous = rng.standard_normal(n) if noisy else None
     samples = clipped = 0
     saturated = False
     for step in range(1, n_steps + 1):
         v = v + dt * (force - drift @ v)
         if noisy:
-            v = v + step_sd * rng.standard_normal(n)  # every cell draws, even a noiseless one
+            z = rng.standard_normal(n)  # every cell draws, even a noiseless one
+            v = v + step_sd * 0.5 * (previous + z)
+            previous = z
         if rail_v > 0.0:
             saturated = saturated or bool(np.any(np.abs(v) > rail_v))
             v = np.clip(v, -rail_v, rail_v)
@@ -153,11 +157,15 @@ def kernel_run_rc(
     state = np.array(state, dtype=np.float64)
     acc = np.array(acc, dtype=np.float64)
     cov, snaps = recording_buffers(state.shape[0], cov_acc, snapshots)
+    noise_prev = np.zeros(state.shape[0])
+    if np.any(noise_sd != 0.0):  # as the engine does, once per run
+        _kernels._draw_normals(rng, noise_prev)
     steps, samples, saturated, clipped, runaway = _kernels._run_rc(
         drift,
         force,
         noise_sd,
         state,
+        noise_prev,
         float(dt),
         int(n_steps),
         int(steps_per_sample),
