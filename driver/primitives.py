@@ -364,7 +364,8 @@ def expnegm(
     t: float | None = None,
     *,
     alpha: float = 0.0,
-    batches: int = 16,
+    samples: int | None = None,
+    batches: int = 10,
     overdamping: float = 0.05,
     return_report: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, PrimitiveReport]:
@@ -376,28 +377,31 @@ def expnegm(
     (non-symmetric A as ``load_matrix(A, symmetric=False)``) with zero input, sets the noise so the
     cells fill 90 % of the ADC at +- 5 sd, and records the sums of x_{k+L} x_k^T and x_k x_k^T over
     the window (RUN's record_lags = (0, L), READ_LAGGED).  At equilibrium C(L) = e^{-M L Delta} Sigma,
-    so
+    so on RC cells
 
-        E = C(L) C(0)^-1 = e^{-(A + alpha I) s}     with L Delta = s s_A gamma,
+        E = C(L) C(0)^-1 = e^{-(A + alpha I) s}     with L Delta = s s_A,
 
-    Delta = 1 / adc.sample_rate the conversion period (tau), gamma = 1 on RC cells and the damping on
-    oscillator cells (overdamped, see the module).  The scale: L is the fewest conversions for which
-    s_A = L Delta / (s gamma) is at least max|A| / g_max (and, on oscillator cells, keeps every mode
-    overdamped to ``overdamping``).
+    Delta = 1 / adc.sample_rate the conversion period (tau); L is the fewest conversions for which
+    s_A = L Delta / s is at least max|A| / g_max.  Oscillator cells: a = gamma R - m R^2 and the host
+    factor, as the module says (L the fewest with m rho(R) / gamma <= ``overdamping`` and max|a| <= g_max).
 
-    t: the window in tau (default 4000 tau_c, tau_c = 1 / r the correlation time of the slowest mode,
-    r = min Re eig(A + alpha I) / (s_A gamma)), split into ``batches`` runs (16) after a burn-in of
-    10 tau_c.  Bias: O(tau_c / t) from the ratio and the centring, e^{-20} from the burn-in, the
-    device's own errors (mismatch, quantisation: about their size on spu-8 or spu-8-lc), and on
-    oscillator cells about ``overdamping``.  Variance: each entry's standard error falls as
-    sqrt(2 tau_c / t) (times |E| and the conditioning of Sigma); the report states it from batch means.
-    Cost: O(n^3) on the host (eigenvalues, for the stability check), analog time t + 10 tau_c on the
-    device, O(n^2) per integrator step and O(n^2) per conversion and lag for the accumulator.
+    t: the window in tau (default 4000 tau_c, tau_c = L Delta / (lambda_min s) the correlation time of
+    the slowest mode; or ``samples`` lags of s, thermox's num_samples at dt = s: t = samples L Delta),
+    split into ``batches`` runs (10) after a burn-in of 10 tau_c.  Bias: O(tau_c / t) from the ratio
+    and the centring, e^{-20} from the burn-in, the device's own errors (mismatch, quantisation: about
+    their size on spu-8 or spu-8-lc), on oscillator cells about ``overdamping`` times their mismatch.
+    Variance: each entry's standard error falls as sqrt(2 tau_c / t) (times |E| and the conditioning
+    of Sigma); the report states it from batch means.  Cost: O(n^3) on the host (eigenvalues, for the
+    stability check; with the report, O(batches n^3) for its error); on the device, analog time
+    t + 10 tau_c, stepped at O(n^2) per integrator step plus O(n^2) per conversion and lag, or, where
+    the exact engine draws the lagged sums in closed form (a symmetric A on the ideal preset), O(n^3)
+    per run whatever t.
 
     ``return_report`` also returns a :class:`PrimitiveReport`.  Raises InvalidInputError before any
-    device call for a non-square or non-finite A, an unstable A + alpha I, s or t not positive, or a
-    device whose noise cannot suit the problem; SaturationError when the cells clip at every noise
-    level tried.  The previous noise level is restored; A stays loaded.
+    device call for a non-square or non-finite A, an unstable A + alpha I, s or t not positive, a lag
+    over the device's recording memory, or a device whose noise cannot suit the problem;
+    SaturationError when the cells clip at every noise level tried.  The previous noise level (and
+    damping) is restored; the loaded matrix is the scaled A + alpha I.
     """
     A = dev._checked_matrix(A, symmetric=False)
     n = A.shape[0]
@@ -416,6 +420,12 @@ def expnegm(
     _check_memory(dev, n, lag)
     lag_time = lag / dev.info.sample_rate
     correlation = lag_time / (float(values.real.min()) * s)  # e^{-r lag_time} = e^{-lambda_min s}
+    if samples is not None:
+        if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
+            raise InvalidInputError(f"samples = {samples!r}: pass a positive integer (the window in lags of s)")
+        if t is not None:
+            raise InvalidInputError(f"pass t (tau) or samples (lags of s), not both: t = {t!r}, samples = {samples}")
+        t = samples * lag_time
     window = _window(t, _DEFAULT_SPANS * correlation, "t")
     batches, per_batch = _batch_plan(dev, window, batches, _MIN_LAGS_PER_BATCH * lag_time)
     burn_in = min(_BURN_SPANS * correlation, dev.info.max_run_time - per_batch)
@@ -439,7 +449,8 @@ def expm(
     t: float | None = None,
     *,
     alpha: float = 0.0,
-    batches: int = 16,
+    samples: int | None = None,
+    batches: int = 10,
     overdamping: float = 0.05,
     return_report: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, PrimitiveReport]:
@@ -450,7 +461,10 @@ def expm(
     (estimator, bias, variance, cost, report, errors) as :func:`expnegm`.
     """
     A = dev._checked_matrix(A, symmetric=False)
-    return expnegm(dev, -A, s, t, alpha=alpha, batches=batches, overdamping=overdamping, return_report=return_report)
+    return expnegm(
+        dev, -A, s, t, alpha=alpha, samples=samples, batches=batches, overdamping=overdamping,
+        return_report=return_report,
+    )  # fmt: skip
 
 
 def lyapunov(
@@ -459,7 +473,7 @@ def lyapunov(
     d: Any,
     t: float | None = None,
     *,
-    batches: int = 16,
+    batches: int = 10,
     overdamping: float = 0.05,
     return_report: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, PrimitiveReport]:
@@ -475,7 +489,7 @@ def lyapunov(
     Sigma = D S D.
 
     t: the window in tau (default 4000 tau_c, tau_c = s_A / min Re eig(A') the slowest correlation
-    time), in ``batches`` runs (16) after a burn-in of 10 tau_c.  Bias: O(tau_c / t) (centring), the
+    time), in ``batches`` runs (10) after a burn-in of 10 tau_c.  Bias: O(tau_c / t) (centring), the
     device's own errors (on spu-8: mismatch of C and a, a few per cent), on oscillator cells about
     ``overdamping``.  Variance: entry (i, j) has variance about (S_ii S_jj + S_ij^2) 2 tau_c / t
     (times d_i d_j); the report's error is its batch-means estimate.  Cost: O(n^3) on the host (the
