@@ -44,8 +44,8 @@ from .tcp import parse_url
 __all__ = ["Check", "VECTOR_DIR", "run", "format_table", "to_json"]
 
 VECTOR_DIR = SPEC_DIR / "vectors"
-_CLOSE_WAIT_S = 2.0  # how long a device may take to close a connection it must close
-_FREE_WAIT_S = 2.0  # how long a device may take to be free again after its holder left
+_CLOSE_WAIT_S = 5.0  # how long a device may take to close a connection it must close
+_FREE_WAIT_S = 5.0  # how long a device may take to be free again after its holder left
 
 
 @dataclass(frozen=True)
@@ -212,10 +212,14 @@ class _Session:
         while True:
             link = _Link(self.host, self.port, self.timeout)
             probe = Opcode.STATUS if self.token is None else Opcode.AUTH_CHALLENGE
-            header, reply = _parse(link.exchange(_request(probe, None, 1)))
-            if header.status != Status.BUSY:
-                if self.token is not None:
+            try:
+                header, reply = _parse(link.exchange(_request(probe, None, 1)))
+                if header.status != Status.BUSY and self.token is not None:
                     _authenticate(link, self.token, header, reply)
+            except _Failed:
+                link.close()  # a connection that holds the device must not outlive the check that opened it
+                raise
+            if header.status != Status.BUSY:
                 self.link = link
                 return link
             link.close()
