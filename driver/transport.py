@@ -34,10 +34,8 @@ class InProcessTransport:
     ):
         # the one place the driver touches the emulator: through its firmware entry point
         from spu_emulator import Firmware
-        from spu_emulator.blas import fixed_threads
 
         self._firmware = Firmware(_load(spec, overrides), seed=seed)
-        self._fixed_threads = fixed_threads
 
     @property
     def firmware(self):
@@ -45,8 +43,7 @@ class InProcessTransport:
         return self._firmware
 
     def request(self, opcode: int, payload: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
-        with self._fixed_threads():  # the device's BLAS on a fixed thread count: the bits do not depend on ours
-            return self._firmware.handle(opcode, payload)
+        return self._firmware.handle(opcode, payload)  # which runs its BLAS on a fixed thread count
 
     def close(self) -> None:
         self._firmware = None

