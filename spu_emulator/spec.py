@@ -153,6 +153,11 @@ class Integrator:
 
 
 @dataclass(frozen=True)
+class Memory:
+    budget_bytes: int = 1 << 30
+
+
+@dataclass(frozen=True)
 class DeviceSpec:
     """A whole device spec; see ``firmware_spec/schema.yaml`` for every field."""
 
@@ -169,6 +174,7 @@ class DeviceSpec:
     adc: Adc = field(default_factory=Adc)
     rails: Rails = field(default_factory=Rails)
     integrator: Integrator = field(default_factory=Integrator)
+    memory: Memory = field(default_factory=Memory)
     source: str = field(default="<mapping>", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -189,6 +195,7 @@ _SECTIONS = {
     "adc": Adc,
     "rails": Rails,
     "integrator": Integrator,
+    "memory": Memory,
 }
 
 

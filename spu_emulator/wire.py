@@ -166,6 +166,7 @@ _TAGGED_I64 = struct.Struct("<Bq")
 _TAGGED_F64 = struct.Struct("<Bd")
 _TAGGED_U32 = struct.Struct("<BI")
 _ZEROS = bytes(8)
+_FIRST_PAYLOAD_BYTES = 1 << 20  # FrameReader.read: a large payload's buffer starts here and doubles
 
 
 class FrameError(Exception):
@@ -564,9 +565,17 @@ class FrameReader:
         if have == length:
             payload = bytearray(self._view[self._start : self._start + have])
         else:
-            payload = bytearray(length)
+            # the buffer grows as the bytes arrive (doubling from 1 MiB), so a header that declares 256 MiB
+            # and sends little holds little; each growth is one realloc (mremap for large blocks: no copy)
+            payload = bytearray(min(length, max(have, _FIRST_PAYLOAD_BYTES)))
             payload[:have] = self._view[self._start : self._start + have]
-            _recv_at_least(self.sock, memoryview(payload)[have:], length - have, deadline, f"payload of {length} bytes")
+            got = have
+            while got < length:
+                if got == len(payload):
+                    payload.extend(bytes(min(length, 2 * len(payload)) - len(payload)))
+                got += _recv_at_least(
+                    self.sock, memoryview(payload)[got:], len(payload) - got, deadline, f"payload of {length} bytes"
+                )
         self._start += have
         return header, payload
 

@@ -179,3 +179,79 @@ def test_the_largest_recording_the_device_accepts_is_read_over_tcp():
     assert samples.shape == (k, n) and np.all(np.isfinite(samples))
     # b sums to 0, so it is an eigenvector of J^T J + I with eigenvalue 1: the settled state is b itself
     assert np.allclose(samples[-1], np.linspace(-0.5, 0.5, n), atol=1e-6)
+
+
+# -- the memory budget -----------------------------------------------------------------------------------------
+def test_loads_and_recordings_over_the_memory_budget_are_refused_naming_it():
+    from driver.protocol import Opcode, Status
+
+    small = {"memory.budget_bytes": 2**20}  # 1 MiB: 131,072 values
+    with driver.open("spu-8", seed=0, overrides=small) as dev:
+        firmware = dev.transport.firmware
+        rows = 300  # 8 (4 * 300 * 8 + 3 * 300^2) bytes = 2.2 MB
+        request = {
+            "j_codes": np.ones((rows, 8), dtype=np.int8),
+            "h_codes": np.eye(rows, dtype=np.int8),
+            "damping_code": np.array([5], dtype=np.int8),
+        }
+        status, reply = firmware.handle(Opcode.LOAD_GGN, request)
+        assert status == Status.BAD_ARGUMENT and "memory.budget_bytes" in reply["message"], reply
+        assert "m = 300 rows" in reply["message"] and "smaller batch" in reply["message"]
+        assert firmware.handle(Opcode.STATUS)[1]["matrix_n"] == 0 and firmware._ggn_arrays == {}
+        dev.load_matrix(np.diag([2.0, 1.5, 1.0]))
+        dev.load_vector(np.array([0.1, 0.2, -0.1]), scale="auto")
+        runs = dev.status().runs
+        with pytest.raises(InvalidInputError, match=r"recording .*memory\.budget_bytes"):
+            dev.run(t=2e4, burn_in=10.0, record_samples=50_000)  # 8 * 3 * 50,000 = 1.2 MB
+        assert dev.status().runs == runs
+        dev.run(t=2e4, burn_in=10.0, record_samples=4000)  # 96 kB: fits
+    with pytest.raises(driver.SpecError, match="memory.budget_bytes"):
+        driver.open("spu-8", overrides={"memory.budget_bytes": 1000})  # below the schema's 1 MiB minimum
+    with driver.open("ideal", seed=0, overrides=small) as dev:
+        with pytest.raises(InvalidInputError, match=r"dense load of size 200 .*memory\.budget_bytes"):
+            dev.load_matrix(np.eye(200))  # 6 * 8 * 200^2 = 1.9 MB
+
+
+def test_reset_frees_the_caches_of_the_last_loads():
+    from driver.protocol import Opcode
+
+    with driver.open("spu-8", seed=0) as dev:
+        firmware = dev.transport.firmware
+        dev.load_matrix(driver.GGN(np.ones((50, 8)) * 0.1, np.eye(50), damping=0.5))
+        dev.load_matrix(np.eye(4) * 2.0)
+        assert firmware._ggn_arrays and firmware._ggn_mismatch_cache is not None
+        assert firmware._mismatch_cache is not None
+        firmware.handle(Opcode.RESET)
+        assert firmware._ggn_arrays == {} and firmware._ggn_mismatch_cache is None
+        assert firmware._mismatch_cache is None
+
+
+def test_the_server_allocates_a_payload_as_its_bytes_arrive():
+    """A header that declares 200 MiB and sends 1 kB leaves the device process about 1 MiB larger, not 200."""
+    import socket
+    import struct
+    import time
+    import zlib
+
+    from spu_emulator import Firmware, load_spec, wire
+    from spu_emulator.protocol import PROTOCOL_VERSION
+    from spu_emulator.server import DeviceServer
+
+    def rss_mb(pid: int) -> float:
+        with open(f"/proc/{pid}/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+    with DeviceServer(Firmware(load_spec("ideal"), seed=0), "127.0.0.1", 0).start() as server:
+        with driver.open(server.url) as dev:  # the device process's first commands: its imports are warm
+            dev.status()
+        time.sleep(0.2)
+        before = rss_mb(server.device_pid)
+        head = struct.pack("<4sBBHHHIII", wire.MAGIC, PROTOCOL_VERSION, 0, 8, 0, 0, 1, 200 << 20, 0)
+        sock = socket.create_connection(server.address, timeout=5)
+        try:
+            sock.sendall(head + struct.pack("<I", zlib.crc32(head)) + bytes(1024))
+            time.sleep(0.5)
+            grew = rss_mb(server.device_pid) - before
+        finally:
+            sock.close()
+    assert grew < 20.0, f"the device process grew by {grew:.0f} MiB for 1 kB of a declared 200 MiB payload"
