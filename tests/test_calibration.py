@@ -272,3 +272,23 @@ def test_ggn_loads_get_the_per_cell_corrections():
             dev.run(400.0)
             errors.append(relative(dev.read_mean(), exact))
     assert errors[1] < errors[0] / 3
+
+
+def test_calibration_and_damping_over_tcp_give_the_in_process_bits():
+    """Calibration uses only public calls, so a served device calibrates to the same bits; SET_DAMPING
+    crosses the wire (spu-8-lc)."""
+    from served import open_device
+
+    results = []
+    for transport in ("in-process", "tcp"):
+        with open_device("spu-8", 4, transport) as dev:
+            cal = dev.calibrate(t=2000.0)
+            A = random_spd(np.random.default_rng(5), 8, 3.0)
+            results.append((cal.element_trim, cal.adc_offset_v, linalg.solve(dev, A, np.ones(8))))
+    for in_process, served in zip(*results, strict=True):
+        np.testing.assert_array_equal(in_process, served)
+    with open_device("spu-8-lc", 1, "tcp") as dev:
+        dev.set_damping(0.3)
+        assert dev.damping == 0.3
+        with pytest.raises(driver.InvalidInputError, match="outside"):
+            dev.set_damping(10.0)
