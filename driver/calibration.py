@@ -65,6 +65,7 @@ _TRIM_LIMIT = 0.5  # |log K| beyond this: a part far outside any tolerance (dead
 _CONSISTENCY = 1e-2  # the two probes' diagonal trims must agree to this relative difference
 _KEPT = "the device keeps the calibration it had (none if it had none)"
 DEFAULT_T = 2.0e5  # tau per zero-input probe run: offsets to ~0.02 mV on spu-8 (see calibrate)
+DEFAULT_CELLS = 64  # n by default: the dense block, up to 64 cells (2 n + 4 runs; pass n for more)
 _UNIT_FRACTION = 0.25  # the unit-input probes run t / 4: their differences only set the trims, to ~1e-3
 
 
@@ -195,10 +196,13 @@ def calibrate(dev: Device, *, n: int | None = None, t: float | None = None) -> C
     (d = g_max, S a fixed symmetric sign pattern, c so that lambda_min = g_max / 2), each with zero
     input and a unit input on every cell in turn (column by column: a_eff^-1 e_j); and a diagonal
     matrix at g_max and g_max / 2 with zero input.  4 zero-input runs of t tau (default 2e5 tau) and 2 n
-    unit-input runs of t / 4 (burn-in 30 slowest time constants), n (default: the device's dense size)
-    cells: 8 t in all for n = 8 (spu-8, tau = 10 us: 16 s of hardware time).  Precision: a reading's mean
-    has sd about sqrt(4 kappa0 tau_c / t) volts (spu-8: ~0.015 mV at t = 2e5; the offsets then to
-    ~0.02-0.03 mV, the trims to ~1e-3).  Host cost O(n^3).
+    unit-input runs of t / 4 (burn-in 30 slowest time constants), n cells (default: the dense block up to
+    64; a larger block costs 2 n + 4 runs and O(n^3) here): 8 t in all for n = 8 (spu-8, tau = 10 us:
+    16 s of hardware time).  Precision: a reading's mean
+    has sd about sqrt(4 kappa0 tau_c / t) volts, so the probes run with the injected noise lowered to
+    4 ADC LSB^2 where it is programmable and higher (enough to keep the ADC dithered; the caller's level
+    is restored after), spu-8: ~0.01 mV at t = 2e5; the offsets then to ~0.01-0.02 mV, the trims to
+    ~1e-3.  Host cost O(n^3).
 
     Returns the :class:`Calibration` and installs it on ``dev``.  Raises InvalidInputError for bad
     arguments (before any device call) and CalibrationError when a probe saturates or clips, a trim is
@@ -207,8 +211,12 @@ def calibrate(dev: Device, *, n: int | None = None, t: float | None = None) -> C
     """
     n, t = _checked(dev, n, t)
     previous = _installed(dev)
+    noise = dev.noise_level
+    quiet = _quiet_noise(dev)
     dev._calibration = None  # probe through the plain conversions
     try:
+        if quiet < noise:
+            dev.set_noise(quiet)
         result = _measure(dev, n, t)
     except SaturationError as error:
         dev._calibration = previous
@@ -219,14 +227,28 @@ def calibrate(dev: Device, *, n: int | None = None, t: float | None = None) -> C
     except BaseException:
         dev._calibration = previous
         raise
+    finally:
+        if quiet < noise and not dev.closed:
+            dev.set_noise(noise)  # the level the caller had
     dev._calibration = result
     return result
+
+
+def _quiet_noise(dev: Device) -> float:
+    """The injected noise level to probe at: 4 ADC LSB^2 (about 2 LSB rms at unit stiffness: the ADC stays
+    dithered, so the means have no rounding bias and the exact engine may run), where the source is
+    programmable and the present level is higher; else the present level.  Less noise, less averaging."""
+    info = dev.info
+    if info.kappa0_max <= 0.0 or info.adc_bits <= 0:
+        return dev.noise_level
+    lsb = float(from_codes(np.ones(1), info.adc_bits, info.adc_range_v)[0])
+    return min(dev.noise_level, 4.0 * lsb**2)
 
 
 def _checked(dev: Device, n: Any, t: Any) -> tuple[int, float]:
     dense = dev.info.max_dense_size
     if n is None:
-        n = dense
+        n = min(dense, DEFAULT_CELLS)
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         raise InvalidInputError(f"n = {n!r} must be an integer number of cells to calibrate, 2 to {dense}")
     if not 2 <= n <= dense:

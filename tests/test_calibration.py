@@ -53,11 +53,12 @@ def check_offsets(cal: Calibration, hidden, slack: float = 0.02) -> None:
     np.testing.assert_array_less(np.abs(cal.dac_offset_v - hidden.dac_offset_v), dac_tol)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_spu8_offsets_and_trims_match_the_hidden_parts(seed):
-    with driver.open("spu-8", seed=seed) as dev:
+@pytest.mark.parametrize("spec, seed", [("spu-8", 0), ("spu-8", 1), ("spu-8", 2), ("spu-8-lc", 0)])
+def test_offsets_and_trims_match_the_hidden_parts(spec, seed):
+    with driver.open(spec, seed=seed) as dev:
         cal = dev.calibrate()
         hidden = hidden_parameters(dev.transport.firmware)
+        assert dev.noise_level == dev.info.kappa0  # probed quieter, the caller's level restored
     assert dev.calibration is cal and cal.n == 8 and cal.runs == 2 * 8 + 4
     check_offsets(cal, hidden)
     # the target: offsets within 20 % (as vectors: a cell whose offset is near 0 has no relative error)
