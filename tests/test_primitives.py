@@ -311,3 +311,15 @@ def test_both_engines_give_the_same_lagged_estimates_in_distribution():
     # and both estimate e^{-A} (a = A / 2 programmed, a lag of 2 tau): 4 standard errors of a mean of 60,
     # plus the ratio's O(tau_c / t) bias, 2 tau_c / t = 2 * 2.5 / 1000 = 0.005 (tau_c = 2 / lambda_min(A))
     assert np.all(np.abs(drawn.mean(axis=0) - scipy.linalg.expm(-A)) < 4.0 * drawn.std(axis=0) / np.sqrt(60) + 0.005)
+
+
+def test_same_bits_over_tcp_as_in_process():
+    """record_lags and READ_LAGGED travel the wire: expnegm over loopback TCP equals the in-process one
+    bit for bit (same spec, seed and calls)."""
+    from served import open_device
+
+    results = []
+    for transport in ("in-process", "tcp"):
+        with open_device("spu-8-lc", 4, transport) as dev:
+            results.append(driver.linalg.expnegm(dev, THERMOX_A, t=2e4))
+    np.testing.assert_array_equal(results[0], results[1])
