@@ -39,6 +39,11 @@ Two forms, chosen once per programmed matrix by :func:`prepare`:
   scalar OU process projected off those modes.  O(N m^2 + m^3) once, O(N m) per
   run; N x N is never formed.
 
+Lagged sums (RUN's record_lags): :func:`propagate_lagged` draws sum_k V_{k+L} V_k^T over the window in
+closed form for the modal form around V* = 0 (exact mean, the stationary covariance by Isserlis'
+theorem, Gaussian shape), at a cost that does not depend on the window; the firmware uses it only
+with ideal converters and a window of at least 200 correlation times, and steps otherwise.
+
 ADC treatment (done by the firmware): per-cell gain and offset errors are linear
 and exact; ADC input noise adds N(0, noise_v^2 / K) to the mean, exactly.
 Rounding to codes is modelled as an independent error, uniform over one LSB,
