@@ -11,11 +11,13 @@ the transient integrator (numba; every effect, rails and ADC included), the exac
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
 from . import _kernels, _lagged, _oscillator
 from .arrays import ProgrammedGGN
+from .chunks import Stopped, advance_in_chunks
 from .converters import code_max
 from .exact import LinearModel, LowRankModel, prepare, prepare_ggn, propagate, propagate_lagged, window
 from .payload import _Refused
@@ -37,6 +39,11 @@ _LAGGED_MIN_SPANS = 200.0
 
 class Engines:
     """The run half of :class:`~spu_emulator.firmware.Firmware` (a mixin)."""
+
+    # asked between a transient run's chunks whether to stop it ("" goes on; the server sets it for ABORT
+    # and its wall-time limit), and a cap on a chunk's steps (None: about CHUNK_S of wall time; tests)
+    interrupt: Callable[[], str] | None = None
+    max_chunk_steps: int | None = None
 
     def _adc_lsb(self) -> float:
         adc = self.spec.adc
@@ -128,14 +135,25 @@ class Engines:
                 *adc_args,
             )
 
-        if record.lagged_on:
-            steps, samples, saturated, clipped, runaway = _advance_lagged(
-                advance, record, n, n_steps, steps_per_sample, first_sample_step
-            )
-        else:
-            steps, samples, saturated, clipped, runaway = advance(
-                n_steps, first_sample_step, record.snapshots, record.stride
-            )
+        try:  # in chunks: Ctrl-C and the server's interrupt stop the run between them (spu_emulator/chunks.py)
+            if record.lagged_on:
+                steps, samples, saturated, clipped, runaway = _advance_lagged(
+                    advance, record, n, n_steps, steps_per_sample, first_sample_step, self.interrupt
+                )
+            else:
+                steps, samples, saturated, clipped, runaway = advance_in_chunks(
+                    advance, record.snapshots, record.stride, n_steps, steps_per_sample, first_sample_step,
+                    self.interrupt, self.max_chunk_steps,
+                )  # fmt: skip
+        except BaseException as exc:  # KeyboardInterrupt too: the run is discarded, the device as before it
+            self._rng.bit_generator.state = rng_before
+            if isinstance(exc, Stopped):
+                raise _Refused(
+                    Status.ABORTED,
+                    f"the run was stopped after {exc.steps} of {n_steps} steps ({exc.reason}); it was discarded"
+                    " and the device keeps the state it had before it",
+                ) from None
+            raise
         report = {
             "analog_time": n_steps * dt,
             "steps": int(steps),
@@ -424,7 +442,15 @@ class Engines:
         return report, final, acc, count
 
 
-def _advance_lagged(advance, record: _Record, n: int, n_steps: int, steps_per_sample: int, first_sample_step: int):
+def _advance_lagged(
+    advance,
+    record: _Record,
+    n: int,
+    n_steps: int,
+    steps_per_sample: int,
+    first_sample_step: int,
+    interrupt: Callable[[], str] | None = None,
+):
     """Run the transient kernel ``advance`` a chunk of conversions at a time, each chunk recorded as
     snapshots and handed to the lagged accumulator, so the recording memory is the chunk, a ring of
     the last max(lags) + 1 conversions and the q n^2 sums, whatever the run's length.  Chunks end on
@@ -446,4 +472,8 @@ def _advance_lagged(advance, record: _Record, n: int, n_steps: int, steps_per_sa
         if runaway:
             return done + int(steps), samples, saturated, clipped, True
         done += steps_here
+        if interrupt is not None and done < n_steps:  # between chunks, as chunks.advance_in_chunks
+            reason = interrupt()
+            if reason:
+                raise Stopped(reason, done)
     return n_steps, samples, saturated, clipped, False

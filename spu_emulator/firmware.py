@@ -79,6 +79,7 @@ class Firmware(ArrayProgramming, Engines, Readout):
             Opcode.SET_NOISE: self._set_noise,
             Opcode.READ_LAGGED: self._read_lagged,
             Opcode.SET_DAMPING: self._set_damping,
+            Opcode.ABORT: self._abort,
         }
         self._power_on()
 
@@ -313,6 +314,11 @@ class Firmware(ArrayProgramming, Engines, Readout):
         if report["adc_clipped"]:
             self._flags |= StatusBit.ADC_CLIPPED
         return report
+
+    def _abort(self, _: Mapping[str, Any]) -> dict[str, Any]:
+        """ABORT reaching the command handler comes between commands, when no run is in progress: the
+        server stops a running one itself (between the run's chunks, through ``interrupt``)."""
+        return {"aborted": 0}
 
     def _status(self, _: Mapping[str, Any]) -> dict[str, Any]:
         return {

@@ -371,6 +371,13 @@ CASES: tuple[Case, ...] = (
         (Step("AUTH_RESPONSE", {"mac": "0" * 64, "host_nonce": "1" * 64}, "BAD_STATE"), Step("STATUS")),
         True,
     ),
+    Case(
+        "abort_idle",
+        "Commands / ABORT",
+        "ABORT between commands: nothing is running, aborted = 0, nothing changes",
+        (Step("RESET"), Step("ABORT", values=("aborted",)), Step("STATUS")),
+        True,
+    ),
     # -- frame errors (device-independent) --
     _closing(
         "frame_bad_magic",

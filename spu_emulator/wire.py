@@ -134,6 +134,7 @@ class Timing:
     idle_timeout_s: float | None
     client_timeout_s: float
     device_poll_s: float
+    max_run_s: float
     host_poll_s: float
 
 
@@ -578,6 +579,33 @@ class FrameReader:
                 )
         self._start += have
         return header, payload
+
+    def take_pending(self, opcode: int) -> Header | None:
+        """Without blocking: if the next frame on the link is a whole, bodiless request with ``opcode``
+        (ABORT, sent while another request runs), consume it and return its header; else leave every byte
+        where it is and return None.  One non-blocking receive (a few microseconds)."""
+        if self._end - self._start < HEADER.size:
+            if self._start + HEADER.size > len(self._buffer):  # make room at the front
+                left = self._end - self._start
+                self._buffer[:left] = self._buffer[self._start : self._end]
+                self._start, self._end = 0, left
+            _set_timeout(self.sock, 0.0)
+            try:
+                self._end += self.sock.recv_into(self._view[self._end :])
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError:
+                return None  # the link's error shows on the next read
+            if self._end - self._start < HEADER.size:
+                return None
+        try:
+            header = parse_header(self._view[self._start : self._start + HEADER.size])
+        except FrameError:
+            return None  # not ours to judge here: the next read reports it
+        if header.opcode != opcode or header.kind != REQUEST or header.payload_length != 0:
+            return None
+        self._start += HEADER.size
+        return header
 
     def read_header(
         self, first_timeout: float | None, frame_timeout: float | None, poll_s: float = 0.0

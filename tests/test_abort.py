@@ -1,0 +1,102 @@
+"""Abortable runs (issue 13): a transient run goes in chunks with the bits of one call, Ctrl-C stops it
+in process, ABORT stops it on the wire (from the holder or a second connection of its host), and the
+server's max_run_s caps its wall time.  A stopped run is discarded: the device is as before it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import driver
+from driver.protocol import Opcode
+from spu_emulator import Firmware, chunks
+
+A = np.array([[2.0, 0.4, 0.0, 0.1], [0.4, 1.5, 0.2, 0.0], [0.0, 0.2, 1.0, 0.3], [0.1, 0.0, 0.3, 1.2]])
+B = np.array([0.2, -0.1, 0.3, 0.05])
+LONG = 5e5  # tau: a transient run of many seconds on spu-8
+
+
+def _snapshot(firmware: Firmware) -> tuple:
+    """Everything a run changes: the analog state, the noise stream, the status, the last run's reads."""
+    status = firmware.handle(Opcode.STATUS)[1]
+    mean = firmware.handle(Opcode.READ_MEAN)
+    return firmware.analog_state().tobytes(), str(firmware.rng.bit_generator.state), status, str(mean)
+
+
+def _run(spec: str, max_chunk_steps: int | None, monkeypatch, first_steps: int) -> dict:
+    """One device's transient runs (recording snapshots with a stride, second moments, lags) and its reads."""
+    monkeypatch.setattr(chunks, "_FIRST_STEPS", first_steps)
+    out = {}
+    with driver.open(spec, seed=11) as dev:
+        dev.transport.firmware.max_chunk_steps = max_chunk_steps
+        if spec == "tngd-sim":
+            J = np.random.default_rng(0).standard_normal((6, 40)) * 0.1
+            dev.load_matrix(driver.GGN(J, np.eye(6), damping=0.5))
+            b = np.linspace(-0.2, 0.2, 40)
+        else:
+            dev.load_matrix(A)
+            b = B
+        dev.load_vector(b, scale="auto")
+        dev.run(t=40.0, burn_in=7.3, engine="transient", record_samples=9, sample_stride=3, record_cov=True)
+        out["mean"], out["samples"], out["cov"] = dev.read_mean(), dev.read_samples(), dev.read_cov()
+        dev.run(t=12.0, burn_in=2.0, engine="transient")  # a second run continues the first's chain
+        out["mean2"] = dev.read_mean()
+        if spec == "spu-8":
+            dev.run(t=20.0, burn_in=5.0, engine="transient", record_lags=[0, 2])
+            lagged = dev.read_lagged()
+            out["lagged"], out["lagged_mean"] = lagged.sums, lagged.mean
+        out["state"] = dev.transport.firmware.analog_state()
+        out["rng"] = str(dev.transport.firmware.rng.bit_generator.state)
+    return out
+
+
+@pytest.mark.filterwarnings("ignore::driver.SettlingWarning")  # short burn-ins: bits, not answers, matter here
+@pytest.mark.parametrize("spec", ["spu-8", "spu-8-lc", "tngd-sim"])
+def test_a_run_in_chunks_gives_the_bits_of_one_call(spec, monkeypatch):
+    whole = _run(spec, None, monkeypatch, first_steps=10**9)  # one kernel call per run
+    for size in (1, 7, 64):  # chunks of one conversion period and up, rounded up to stride boundaries
+        chunked = _run(spec, size, monkeypatch, first_steps=size)
+        for name, value in whole.items():
+            if isinstance(value, str):
+                assert chunked[name] == value, (spec, size, name)
+            else:
+                assert np.array_equal(np.asarray(chunked[name]), np.asarray(value)), (spec, size, name)
+
+
+def _long_run_device() -> driver.Device:
+    dev = driver.open("spu-8", seed=5)
+    dev.load_matrix(A)
+    dev.load_vector(B, scale="auto")
+    dev.run(t=20.0, burn_in=10.0, engine="transient")
+    return dev
+
+
+def test_ctrl_c_stops_an_in_process_run_within_half_a_second_and_discards_it():
+    with _long_run_device() as dev:
+        firmware = dev.transport.firmware
+        before = _snapshot(firmware)
+        sent: list[float] = []
+
+        def interrupt() -> None:
+            sent.append(time.perf_counter())
+            os.kill(os.getpid(), signal.SIGINT)
+
+        timer = threading.Timer(1.0, interrupt)
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            dev.run(t=LONG, burn_in=1.0, engine="transient")
+        stopped = time.perf_counter() - sent[0]
+        timer.join()
+        assert stopped < 0.5, f"Ctrl-C took {stopped:.2f} s to stop the run"
+        assert _snapshot(firmware) == before  # discarded: state, noise stream, counters and reads as before
+        # and the device goes on as if the run had never been asked for
+        dev.run(t=20.0, burn_in=10.0, engine="transient")
+        after = dev.read_mean()
+    with _long_run_device() as twin:
+        twin.run(t=20.0, burn_in=10.0, engine="transient")
+        assert np.array_equal(twin.read_mean(), after)
