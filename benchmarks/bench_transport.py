@@ -14,11 +14,16 @@ Rows:
 * round trip: ``load_vector(b)`` + ``run(t=10)`` + ``read_mean()`` at N = 8 on the
   ideal preset and on spu-8 (every non-ideality on), matrix loaded once, default
   engine "auto" (exact here), median over ``--repeats`` rounds; "+" is the median of
-  the per-round difference, what the link adds.  Target: TCP median <= 300 us.
+  the per-round difference, what the link adds.  Targets (issue 14, on a quiet
+  machine): in-process <= 40 us, TCP <= 150 us.
 * polling off: the ideal round trip again, against a server started with
   ``--poll-us 0`` from a host opened with ``poll_s=0``, so both ends sleep in the
-  kernel as soon as they wait (interleaved with the default, which polls for
-  500 us on the device and 1 ms on the host; protocol.yaml ``timing.polling``).
+  kernel as soon as they wait (interleaved with the default, which polls for up to
+  500 us on the device and 1 ms on the host, protocol.yaml ``timing.polling``, with
+  windows that shrink when polls time out: ``wire.AdaptivePolling``).  Target: the
+  default no slower than polling off (ratio default / off <= 1.1, the 10 % for the
+  noise of medians on a loaded machine); before the windows adapted, a loaded
+  2-core machine measured 4.3 ms polling against 1.7 ms off.
 * one exchange: ``status()``, the smallest command, median; the link's floor.
 * bare socket: a 28-byte echo between two Python processes over loopback TCP, no
   protocol at all, median, with both ends sleeping in ``recv`` and with both
@@ -70,7 +75,9 @@ import driver  # noqa: E402
 from driver.codes import code_dtype  # noqa: E402
 from driver.protocol import Opcode, Status  # noqa: E402
 
-ROUND_TRIP_TARGET_US = 300.0
+IN_PROCESS_TARGET_US = 40.0
+ROUND_TRIP_TARGET_US = 150.0
+POLLING_RATIO_TARGET = 1.1
 BULK_TARGET_MBPS = 200.0
 SEED = 0
 
@@ -217,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"round trip: load_vector + run(t=10) + read_mean, N=8, {spec} (median)",
                     f"{inproc * 1e6:.0f} us",
                     f"{tcp * 1e6:.0f} us (+{added * 1e6:.0f} us)",
-                    f"<= {ROUND_TRIP_TARGET_US:.0f} us",
-                    "PASS" if tcp * 1e6 <= ROUND_TRIP_TARGET_US else "MISS",
+                    f"<= {IN_PROCESS_TARGET_US:.0f} / {ROUND_TRIP_TARGET_US:.0f} us",
+                    "PASS" if inproc * 1e6 <= IN_PROCESS_TARGET_US and tcp * 1e6 <= ROUND_TRIP_TARGET_US else "MISS",
                 )
             )
             if spec == "ideal":
@@ -228,14 +235,14 @@ def main(argv: list[str] | None = None) -> int:
                     sleeping = _interleaved(
                         {"tcp": _round_trip(slow, b), "polling": _round_trip(remote, b)}, repeats, 50
                     )
-                ratio = float(np.median(sleeping["tcp"]) / np.median(sleeping["polling"]))
+                ratio = float(np.median(sleeping["polling"]) / np.median(sleeping["tcp"]))
                 rows.append(
                     (
-                        f"  the same with polling off at both ends (median; {ratio:.2f}x the polling one)",
+                        f"  the same with polling off at both ends (median; default / off = {ratio:.2f})",
                         "",
                         f"{np.median(sleeping['tcp']) * 1e6:.0f} us",
-                        "",
-                        "",
+                        f"ratio <= {POLLING_RATIO_TARGET:g}",
+                        "PASS" if ratio <= POLLING_RATIO_TARGET else "MISS",
                     )
                 )
                 continue

@@ -543,6 +543,7 @@ class FrameReader:
         self._view = memoryview(self._buffer)
         self._start = 0  # unread bytes are _buffer[_start:_end]
         self._end = 0
+        self.polling = AdaptivePolling()
 
     def read(
         self, first_timeout: float | None, frame_timeout: float | None, poll_s: float = 0.0
@@ -554,8 +555,10 @@ class FrameReader:
         poll_s: busy-poll the socket for up to this many seconds before sleeping in the
         kernel (see protocol.yaml ``timing.polling``): a frame that comes within it is
         taken without a wake-up, which on a virtual machine costs tens of microseconds
-        per exchange; the price is a core kept busy for that long.  ``first_timeout``
-        counts from the end of the window.
+        per exchange; the price is a core kept busy for that long.  The window adapts
+        below poll_s (:class:`AdaptivePolling`): polls that time out shrink it, down to
+        sleeping at once, so a loaded machine is not made slower by spinning.
+        ``first_timeout`` counts from the end of the window.
 
         Raises LinkClosed (EOF), LinkTimeout, FrameError (header errors: the stream is
         out of step, the connection should close) or OSError.
@@ -614,7 +617,10 @@ class FrameReader:
         rest of the frame.  Timeouts, polling and errors as :meth:`read`."""
         if self._start == self._end:
             self._start = self._end = 0
-            count = _recv_polling(self.sock, self._view, poll_s) if poll_s > 0.0 else None
+            window = self.polling.window(poll_s)
+            count = _recv_polling(self.sock, self._view, window) if window > 0.0 else None
+            if window > 0.0:
+                self.polling.record(count is not None)
             if count is None:
                 _set_timeout(self.sock, first_timeout)
                 try:
@@ -636,6 +642,45 @@ class FrameReader:
         header = parse_header(self._view[self._start : self._start + HEADER.size])
         self._start += HEADER.size
         return header, deadline
+
+
+class AdaptivePolling:
+    """How long a reader busy-polls before it sleeps: a window that adapts to whether polling pays.
+
+    A poll that times out (the frame came later, so the core spun for nothing while the peer, or the
+    rest of the machine, may have needed it) halves the window; one that catches its frame doubles it,
+    up to the caller's ``poll_s``.  Below 1/16 of poll_s the reader sleeps at once, and every 32nd
+    read then polls again with that smallest window to see whether the peer got fast again.  On a
+    quiet machine every poll hits and the window stays at poll_s; on a loaded one it falls to zero
+    within a few misses, so a loaded exchange costs no more than with polling off.
+    """
+
+    FLOOR_FRACTION = 1.0 / 16.0
+    PROBE_EVERY = 32
+
+    def __init__(self) -> None:
+        self.fraction = 1.0  # of the caller's poll_s; 0: sleep at once
+        self._skipped = 0
+
+    def window(self, poll_s: float) -> float:
+        """The window, seconds, to poll for now (0: sleep at once)."""
+        if poll_s <= 0.0:
+            return 0.0
+        if self.fraction > 0.0:
+            return self.fraction * poll_s
+        self._skipped += 1
+        if self._skipped < self.PROBE_EVERY:
+            return 0.0
+        self._skipped = 0
+        return self.FLOOR_FRACTION * poll_s
+
+    def record(self, hit: bool) -> None:
+        """Whether the last poll caught its frame within the window."""
+        if hit:
+            self.fraction = min(1.0, max(2.0 * self.fraction, self.FLOOR_FRACTION))
+        else:
+            half = 0.5 * self.fraction
+            self.fraction = half if half >= self.FLOOR_FRACTION else 0.0
 
 
 def _recv_polling(sock: socket.socket, view: memoryview, window_s: float) -> int | None:
