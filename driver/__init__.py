@@ -26,6 +26,7 @@ from .errors import (
     LinkError,
     LinkTimeoutError,
     ProtocolError,
+    RunAbortedError,
     SaturationError,
     SpecError,
     SpuError,
@@ -127,6 +128,7 @@ __all__ = [
     "LinkError",
     "LinkTimeoutError",
     "AuthenticationError",
+    "RunAbortedError",
 ]
 
 

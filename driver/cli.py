@@ -455,6 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="microseconds to busy-poll for the next request after a reply (default 500; 0: sleep at once)",
     )
     serve.add_argument(
+        "--max-run-seconds",
+        type=_non_negative_time,
+        default=None,
+        help="wall time one run may take before it is stopped and answered ABORTED (default 600; 0: no limit)",
+    )
+    serve.add_argument(
         "--token-file",
         default=None,
         help="file holding a shared secret (>= 16 bytes) every host must prove it holds before any command"
@@ -540,6 +546,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     poll_s = None if args.poll_us is None else args.poll_us * 1e-6
     options = {"frame_timeout": args.frame_timeout, "idle_timeout": args.idle_timeout, "poll_s": poll_s}
+    options["max_run_s"] = args.max_run_seconds
     try:
         spec = load_spec(args.preset, _overrides(args) or None)
     except DeviceSpecError as exc:

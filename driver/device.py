@@ -24,6 +24,7 @@ from .errors import (
     DeviceStateError,
     InvalidInputError,
     ProtocolError,
+    RunAbortedError,
     SaturationError,
     SpuError,
 )
@@ -465,4 +466,6 @@ def _refusal(status: int, message: str, reply: dict[str, Any], vector_scale: flo
         return DeviceBusyError(message + "; wait for the other host to close it")
     if status == Status.INTERNAL:
         return DeviceInternalError(message)
+    if status == Status.ABORTED:
+        return RunAbortedError(message)
     return ProtocolError(message)

@@ -8,6 +8,7 @@
     +-- DeviceBusyError: another host holds the device
     +-- SaturationError (also RuntimeError): the array hit a rail or ran away
     +-- DeviceInternalError (also RuntimeError): the device failed inside a command
+    +-- RunAbortedError (also RuntimeError): the run was stopped (ABORT, the server's time limit) and discarded
     +-- ProtocolError: the device answered something the driver cannot read
     +-- LinkError (also ConnectionError): a tcp:// link could not be made or dropped
         +-- LinkTimeoutError (also TimeoutError): no reply within the timeout
@@ -35,6 +36,7 @@ __all__ = [
     "LinkError",
     "LinkTimeoutError",
     "AuthenticationError",
+    "RunAbortedError",
 ]
 
 
@@ -75,6 +77,11 @@ class SaturationError(SpuError, RuntimeError):
 
 class DeviceInternalError(SpuError, RuntimeError):
     """The device failed inside a command (status INTERNAL); the command was discarded and its state kept."""
+
+
+class RunAbortedError(SpuError, RuntimeError):
+    """The run was stopped before its end (ABORT from this or another connection of the host, or the
+    server's max_run_s) and discarded: the device keeps the state it had before the run."""
 
 
 class ProtocolError(SpuError):

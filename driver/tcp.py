@@ -39,6 +39,7 @@ from spu_emulator import wire
 
 from .errors import (
     AuthenticationError,
+    DeviceBusyError,
     DeviceClosedError,
     InvalidInputError,
     LinkError,
@@ -47,11 +48,12 @@ from .errors import (
 )
 from .protocol import Opcode, Status
 
-__all__ = ["TcpTransport", "open_tcp", "parse_url", "DEFAULT_TIMEOUT_S"]
+__all__ = ["TcpTransport", "open_tcp", "parse_url", "abort", "DEFAULT_TIMEOUT_S"]
 
 DEFAULT_TIMEOUT_S: float = wire.TIMING.client_timeout_s
 DEFAULT_POLL_S: float = wire.TIMING.host_poll_s
 _CLOSE_WAIT_S = 2.0  # close() waits this long at most for the device to confirm it is free
+_ABORT_WAIT_S = 5.0  # after Ctrl-C during a RUN: wait this long for the device to stop it and answer
 
 
 def parse_url(url: str) -> tuple[str, int]:
@@ -184,8 +186,16 @@ class TcpTransport:
             raise InvalidInputError(f"request {_name(opcode)} cannot be sent: {exc}") from None
         what = f"{_name(opcode)} to {self.url}"
         try:
-            wire.send_frame(self._sock, frame, self.timeout)
-            header, body = self._reader.read(self.timeout, self.timeout, self.poll_s)
+            try:
+                wire.send_frame(self._sock, frame, self.timeout)
+            except KeyboardInterrupt:
+                self._drop()  # a frame sent in part: the stream is out of step
+                raise
+            try:
+                header, body = self._reader.read(self.timeout, self.timeout, self.poll_s)
+            except KeyboardInterrupt:
+                self._stop_in_flight(opcode, request_id)  # Ctrl-C while the device works: stop a run there too
+                raise
             reply = wire.open_frame(header, body, wire.REPLY)
         except (TimeoutError, wire.LinkTimeout):
             self._drop()
@@ -231,6 +241,24 @@ class TcpTransport:
             self._check_identity(reply)
         return status, reply
 
+    def _stop_in_flight(self, opcode: int, request_id: int) -> None:
+        """After Ctrl-C while waiting for a reply: for a RUN, send ABORT on this connection (the device stops
+        the run between its chunks and discards it) and read the two replies, within _ABORT_WAIT_S, so the
+        link stays in step; for anything else, or if that fails, drop the connection (the next call
+        reconnects)."""
+        if opcode != Opcode.RUN or self._sock is None:
+            self._drop()
+            return
+        abort_id = next(self._ids) & 0xFFFFFFFF
+        waiting = {request_id, abort_id}
+        try:
+            wire.send_frame(self._sock, wire.encode_frame(wire.REQUEST, Opcode.ABORT, 0, abort_id, None), _ABORT_WAIT_S)
+            while waiting:
+                header, _ = self._reader.read(_ABORT_WAIT_S, _ABORT_WAIT_S, 0.0)
+                waiting.discard(header.request_id)
+        except (OSError, wire.LinkClosed, wire.LinkTimeout, wire.FrameError, KeyboardInterrupt):
+            self._drop()
+
     def _check_identity(self, reply: dict[str, Any]) -> None:
         identity = (reply.get("seed_entropy"), reply.get("spec"))
         if self._identity is None:
@@ -258,6 +286,26 @@ def _name(opcode: int) -> str:
         return Opcode(opcode).name
     except ValueError:
         return f"opcode {opcode}"
+
+
+def abort(url: str, token: str | bytes | None = None, timeout: float = 5.0) -> bool:
+    """Stop the run in progress on the device at ``url`` from a new connection (another thread or process
+    of the host that holds it, e.g. a watchdog): ABORT as that connection's first request (after the
+    handshake when ``token`` is given).  The holder's RUN then fails with RunAbortedError; the run is
+    discarded.  Returns True if a run was stopped, False if none was in progress.  Raises DeviceBusyError
+    when the device is held from another address, AuthenticationError, LinkError.  Cost: one connection."""
+    host, port = parse_url(url)
+    transport = TcpTransport(host, port, timeout=timeout, poll_s=0.0, token=token)
+    try:
+        status, reply = transport.request(int(Opcode.ABORT))
+    finally:
+        transport.close()
+    if status == Status.OK:
+        return bool(reply.get("aborted"))
+    message = f"{transport.url} refused ABORT: {reply.get('message', status)}"
+    if status == Status.BUSY:
+        raise DeviceBusyError(message)
+    raise ProtocolError(message)
 
 
 def open_tcp(

@@ -39,6 +39,12 @@ Rules (PROTOCOL.md, "Sessions"):
   commands before that are answered UNAUTHENTICATED without running; a wrong MAC, 4 refused
   commands, or no success within ``frame_timeout`` s closes the connection.  Without a token,
   a server listening beyond loopback logs and warns that any host that reaches it can use it.
+* A run can be stopped (PROTOCOL.md, ABORT): the device process runs a transient run in chunks of
+  about 0.1 s (``spu_emulator.chunks``) and between them checks for an ABORT from the holder on its
+  connection, for one the front process took from a second connection of the holder's address
+  (a flag in memory both processes share), and for the run's wall time against ``max_run_s``
+  (600 s by default, ``spu serve --max-run-seconds``).  The run is then discarded and answered
+  ABORTED: the device keeps the state it had before it.
 
 POSIX only (fork and socket descriptor passing).
 """
@@ -48,11 +54,13 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import mmap
 import os
 import selectors
 import signal
 import socket
 import stat
+import struct
 import threading
 import time
 import traceback
@@ -79,6 +87,10 @@ _MESSAGE_BYTES = 4096  # control messages between the two processes
 # each; past this many at once, more are closed on accept
 _MAX_OVERFLOW = 1024
 _MAX_UNAUTHENTICATED = 4  # commands refused before authentication, then the connection is closed
+# shared between the two processes: the sequence number of the RUN in progress (0: none), and the one an
+# ABORT from a second connection asks to stop
+_RUN_SLOTS = struct.Struct("<qq")
+_SECOND_CONNECTION = (Opcode.AUTH_CHALLENGE, Opcode.AUTH_RESPONSE, Opcode.ABORT)  # answered, not BUSY
 
 
 class DeviceServer:
@@ -92,6 +104,8 @@ class DeviceServer:
     max_connections: hosts waiting for their BUSY answer (or for the device) on a thread each; up to
     1,024 more are answered BUSY by the accepting thread (their first request's header read as it
     arrives, without waiting for the device to be freed); only past those is a connection closed.
+    max_run_s: wall time one RUN may take before it is stopped and answered ABORTED (default protocol.yaml
+    ``timing.max_run_s``, 600 s; None or 0: no limit).
     token: the shared secret (str or bytes, at least 16 bytes) a holder must prove it holds before
     any command runs (see the module docstring); None: no handshake, and a warning (logged and
     ``warnings.warn``) when the listening address is not loopback.
@@ -114,6 +128,7 @@ class DeviceServer:
         poll_s: float = wire.TIMING.device_poll_s,
         max_connections: int = 16,
         token: str | bytes | None = None,
+        max_run_s: float | None = wire.TIMING.max_run_s,
     ):
         if not hasattr(os, "fork") or not hasattr(socket, "send_fds"):
             raise RuntimeError("the device server needs POSIX fork and socket descriptor passing")
@@ -122,6 +137,8 @@ class DeviceServer:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
         if idle_timeout is not None and not idle_timeout > 0:
             raise ValueError(f"idle_timeout must be a positive number of seconds or None, got {idle_timeout!r}")
+        if max_run_s is not None and not max_run_s >= 0:
+            raise ValueError(f"max_run_s must be a number of seconds >= 0 (0 or None: no limit), got {max_run_s!r}")
         if not 0.0 <= poll_s <= 1.0:
             raise ValueError(f"poll_s must be between 0 and 1 s, got {poll_s!r}")
         self._token = None if token is None else wire.check_token(token)
@@ -138,12 +155,16 @@ class DeviceServer:
             log.warning("%s", exposed)
             warnings.warn(exposed, UserWarning, stacklevel=2)
         self._control, device_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._runs = mmap.mmap(-1, _RUN_SLOTS.size)  # anonymous and shared: both processes see one copy
         pid = os.fork()
         if pid == 0:  # the device process: never returns
             code = 1
             try:
                 _leave_front_behind(keep=device_end.fileno())
-                _DeviceProcess(firmware, device_end, frame_timeout, idle_timeout, poll_s, self._token).run()
+                limit = max_run_s or None
+                _DeviceProcess(
+                    firmware, device_end, frame_timeout, idle_timeout, poll_s, self._token, self._runs, limit
+                ).run()
                 code = 0
             except BaseException:
                 traceback.print_exc()
@@ -153,6 +174,7 @@ class DeviceServer:
         self._pid = pid
         self._lock = threading.Lock()
         self._holder: str | None = None
+        self._holder_host: str | None = None  # its address without the port: a second connection's ABORT
         self._holder_socket: socket.socket | None = None
         self._waiting: dict[int, tuple[socket.socket, threading.Thread]] = {}
         # overflow connections, served by serve_forever's selector: socket -> [header bytes, deadline, name,
@@ -362,6 +384,7 @@ class DeviceServer:
             sock.close()
             return
         self._holder, self._holder_socket = name, sock  # kept, to shut it down on stop
+        self._holder_host = _host_of(name)
         log.info("connection from %s: holds the device%s", name, note)
 
     def _answer_busy(self, sock: socket.socket, name: str) -> None:
@@ -383,15 +406,29 @@ class DeviceServer:
             if handed:
                 return
             drain = True  # the host's frame is not read further: let the answer reach it before closing
-            try:
-                header, _ = wire.FrameReader(sock).read_header(self.frame_timeout, self.frame_timeout)
-            except (wire.LinkClosed, wire.LinkTimeout) as exc:
-                reason = f"refused while busy: {exc}"
-                return
-            except wire.FrameError as exc:
-                wire.send_frame(sock, wire.frame_error_reply(exc), self.frame_timeout)
-                reason = f"refused while busy: {exc}"
-                return
+            reader, handshake = wire.FrameReader(sock), _Handshake(self._token)
+            for _ in range(3):  # at most AUTH_CHALLENGE, AUTH_RESPONSE, ABORT: then BUSY
+                try:
+                    header, deadline = reader.read_header(self.frame_timeout, self.frame_timeout)
+                    if header.opcode not in _SECOND_CONNECTION or header.payload_length > 4096:
+                        break
+                    request = wire.open_frame(header, reader.read_payload(header, deadline), wire.REQUEST)
+                except (wire.LinkClosed, wire.LinkTimeout) as exc:
+                    reason = f"refused while busy: {exc}"
+                    return
+                except wire.FrameError as exc:
+                    wire.send_frame(sock, wire.frame_error_reply(exc, 0), self.frame_timeout)
+                    reason = f"refused while busy: {exc}"
+                    return
+                if header.opcode == Opcode.ABORT:
+                    frame, reason = self._abort_from(name, header, handshake)
+                    wire.send_frame(sock, frame, self.frame_timeout)
+                    return
+                frame, failed = handshake.answer(header, request)
+                wire.send_frame(sock, frame, self.frame_timeout)
+                if failed:
+                    reason = f"authentication failed: {failed}"
+                    return
             message = f"{self.spec.name} at {self.url} is held by {holder} (one host at a time)"
             wire.send_frame(
                 sock, wire.error_frame(header.opcode, header.request_id, Status.BUSY, message), self.frame_timeout
@@ -409,6 +446,26 @@ class DeviceServer:
                 else:
                     sock.close()
                 log.info("connection from %s closed (%s)", name, reason)
+
+    def _abort_from(self, name: str, header: wire.Header, handshake: _Handshake) -> tuple[bytes, str]:
+        """A second connection's ABORT: stop the run in progress if it comes from the holder's address (and
+        has proved the token when there is one).  Returns the reply frame and a line for the log."""
+        if not handshake.done:
+            return handshake.refusal(header), "ABORT refused: not authenticated"
+        with self._lock:
+            holder_host = self._holder_host
+        if holder_host is not None and _host_of(name) != holder_host:
+            message = (
+                f"ABORT is taken only from the address of the host that holds {self.spec.name} (one host's run is"
+                " not another's to stop); send it from that host"
+            )
+            return wire.error_frame(header.opcode, header.request_id, Status.BUSY, message), "ABORT refused: other host"
+        running, _ = _RUN_SLOTS.unpack_from(self._runs)
+        if running:
+            struct.pack_into("<q", self._runs, 8, running)  # its slot only: the device process owns the other
+        log.info("connection from %s: ABORT (%s)", name, "the run in progress stopped" if running else "no run")
+        reply = {"aborted": int(running != 0)}
+        return wire.encode_frame(wire.REPLY, header.opcode, Status.OK, header.request_id, reply), "answered ABORT"
 
     def _device_message(self) -> None:
         try:
@@ -471,8 +528,13 @@ class _DeviceProcess:
         idle_timeout: float | None,
         poll_s: float,
         token: bytes | None = None,
+        runs: mmap.mmap | None = None,
+        max_run_s: float | None = None,
     ):
         self.firmware = firmware
+        self.runs = runs if runs is not None else mmap.mmap(-1, _RUN_SLOTS.size)
+        self.max_run_s = max_run_s
+        self.sequence = 0  # RUNs served, numbering them for a second connection's ABORT
         self.control = control
         self.frame_timeout = frame_timeout
         self.idle_timeout = idle_timeout
@@ -548,9 +610,47 @@ class _DeviceProcess:
                         return requests, f"{handshake.refused} commands before authentication"
                     continue
                 requests += 1
-                wire.send_frame(sock, self._execute(header, request), self.frame_timeout)
+                if header.opcode != Opcode.RUN:
+                    wire.send_frame(sock, self._execute(header, request), self.frame_timeout)
+                    continue
+                frame, aborts = self._execute_run(header, request, reader)
+                wire.send_frame(sock, frame, self.frame_timeout)
+                for abort in aborts:  # the holder's ABORT, taken during the run, is answered after it
+                    reply = wire.encode_frame(wire.REPLY, abort.opcode, Status.OK, abort.request_id, {"aborted": 1})
+                    wire.send_frame(sock, reply, self.frame_timeout)
         except OSError as exc:
             return requests, f"link error: {exc}"
+
+    def _execute_run(
+        self, header: wire.Header, request: dict[str, Any], reader: wire.FrameReader
+    ) -> tuple[bytes, list[wire.Header]]:
+        """A RUN that can be stopped: between the run's chunks the firmware asks :meth:`interrupt`-like checks
+        whether a second connection's ABORT named it, the holder sent ABORT, or max_run_s has passed.
+        Returns the reply frame and the holder's ABORT headers taken meanwhile."""
+        self.sequence += 1
+        sequence, started, aborts = self.sequence, time.monotonic(), []
+        _RUN_SLOTS.pack_into(self.runs, 0, sequence, 0)
+
+        def interrupt() -> str:
+            if _RUN_SLOTS.unpack_from(self.runs)[1] == sequence:
+                return "ABORT from another connection of the holder's host"
+            pending = reader.take_pending(Opcode.ABORT)
+            if pending is not None:
+                aborts.append(pending)
+                return "ABORT from the host"
+            if self.max_run_s is not None and time.monotonic() - started > self.max_run_s:
+                return (
+                    f"over the server's limit of {self.max_run_s:g} s of wall time per run (max_run_s,"
+                    " `spu serve --max-run-seconds`); split the run, or raise the limit"
+                )
+            return ""
+
+        self.firmware.interrupt = interrupt
+        try:
+            return self._execute(header, request), aborts
+        finally:
+            self.firmware.interrupt = None
+            _RUN_SLOTS.pack_into(self.runs, 0, 0, 0)
 
     def _execute(self, header: wire.Header, request: dict[str, Any]) -> bytes:
         try:
@@ -648,6 +748,11 @@ def read_token(path: str | Path | None = None, environ: Mapping[str, str] | None
     return None
 
 
+def _host_of(name: str) -> str:
+    """The address part of a connection's name ("host:port" or "[v6 host]:port")."""
+    return name.rsplit(":", 1)[0].strip("[]")
+
+
 def _peer_name(peer: Any) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         host, port = peer[0], peer[1]
@@ -665,6 +770,7 @@ def serve(
     idle_timeout: float | None = wire.TIMING.idle_timeout_s,
     poll_s: float = wire.TIMING.device_poll_s,
     token: str | bytes | None = None,
+    max_run_s: float | None = wire.TIMING.max_run_s,
 ) -> int:
     """Serve one emulated device until SIGINT or SIGTERM (``spu serve``); returns 0, or 1 if
     the device process failed.
@@ -682,6 +788,7 @@ def serve(
         idle_timeout=idle_timeout,
         poll_s=poll_s,
         token=token,
+        max_run_s=max_run_s,
     )
 
     def stop(signum: int, _frame: Any) -> None:

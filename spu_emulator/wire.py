@@ -564,6 +564,10 @@ class FrameReader:
         out of step, the connection should close) or OSError.
         """
         header, deadline = self.read_header(first_timeout, frame_timeout, poll_s)
+        return header, self.read_payload(header, deadline)
+
+    def read_payload(self, header: Header, deadline: float | None) -> bytearray:
+        """The payload of the frame whose header :meth:`read_header` just returned (by ``deadline``)."""
         length = header.payload_length
         have = min(length, self._end - self._start)
         if have == length:
@@ -581,7 +585,7 @@ class FrameReader:
                     self.sock, memoryview(payload)[got:], len(payload) - got, deadline, f"payload of {length} bytes"
                 )
         self._start += have
-        return header, payload
+        return payload
 
     def take_pending(self, opcode: int) -> Header | None:
         """Without blocking: if the next frame on the link is a whole, bodiless request with ``opcode``

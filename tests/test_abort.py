@@ -14,7 +14,8 @@ import pytest
 
 import driver
 from driver.protocol import Opcode
-from spu_emulator import Firmware, chunks
+from spu_emulator import Firmware, chunks, load_spec
+from spu_emulator.server import DeviceServer
 
 A = np.array([[2.0, 0.4, 0.0, 0.1], [0.4, 1.5, 0.2, 0.0], [0.0, 0.2, 1.0, 0.3], [0.1, 0.0, 0.3, 1.2]])
 B = np.array([0.2, -0.1, 0.3, 0.05])
@@ -100,3 +101,102 @@ def test_ctrl_c_stops_an_in_process_run_within_half_a_second_and_discards_it():
     with _long_run_device() as twin:
         twin.run(t=20.0, burn_in=10.0, engine="transient")
         assert np.array_equal(twin.read_mean(), after)
+
+
+# -- over the wire -------------------------------------------------------------------------------------------
+def _served(**options) -> DeviceServer:
+    return DeviceServer(Firmware(load_spec("spu-8"), seed=5), "127.0.0.1", 0, **options).start()
+
+
+def _prepared(url: str, **options) -> driver.Device:
+    dev = driver.open(url, timeout=120, **options)
+    dev.load_matrix(A)
+    dev.load_vector(B, scale="auto")
+    dev.run(t=20.0, burn_in=10.0, engine="transient")
+    return dev
+
+
+def _device_snapshot(dev: driver.Device) -> tuple:
+    """What a run changes, read through the protocol: counters, flags, the window's mean codes."""
+    status = dev.transport.request(int(Opcode.STATUS))[1]
+    mean = dev.transport.request(int(Opcode.READ_MEAN))[1]["mean_codes"]
+    return status["runs"], status["word"], status["samples"], mean.tobytes()
+
+
+def test_abort_from_a_second_connection_stops_the_run_and_discards_it():
+    with _served() as server, _prepared(server.url) as dev:
+        before = _device_snapshot(dev)
+        outcome: list[object] = []
+
+        def run() -> None:
+            try:
+                dev.run(t=LONG, burn_in=1.0, engine="transient")
+                outcome.append("finished")
+            except BaseException as exc:  # noqa: BLE001 - the test reads what it was
+                outcome.append(exc)
+            outcome.append(time.perf_counter())
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        time.sleep(1.0)
+        sent = time.perf_counter()
+        assert driver.tcp.abort(server.url) is True
+        thread.join(10)
+        assert isinstance(outcome[0], driver.RunAbortedError), outcome
+        assert "another connection" in str(outcome[0]) and "state it had before" in str(outcome[0])
+        assert outcome[1] - sent < 0.5
+        assert _device_snapshot(dev) == before
+        assert driver.tcp.abort(server.url) is False  # nothing running now
+
+
+def test_ctrl_c_over_tcp_aborts_the_run_on_the_device_and_keeps_the_link():
+    with _served() as server, _prepared(server.url) as dev:
+        before = _device_snapshot(dev)
+        sent: list[float] = []
+
+        def interrupt() -> None:
+            sent.append(time.perf_counter())
+            os.kill(os.getpid(), signal.SIGINT)
+
+        timer = threading.Timer(1.0, interrupt)
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            dev.run(t=LONG, burn_in=1.0, engine="transient")
+        stopped = time.perf_counter() - sent[0]
+        timer.join()
+        assert stopped < 0.5, f"Ctrl-C took {stopped:.2f} s to stop the served run"
+        assert dev.transport.connected  # the link stayed in step: ABORTED, then the ABORT's reply, were read
+        assert _device_snapshot(dev) == before
+
+
+def test_the_server_stops_a_run_past_max_run_s():
+    with _served(max_run_s=0.5) as server, _prepared(server.url) as dev:
+        before = _device_snapshot(dev)
+        started = time.perf_counter()
+        with pytest.raises(driver.RunAbortedError, match=r"limit of 0.5 s .*max-run-seconds"):
+            dev.run(t=LONG, burn_in=1.0, engine="transient")
+        assert time.perf_counter() - started < 2.0
+        assert _device_snapshot(dev) == before
+        dev.run(t=20.0, burn_in=10.0, engine="transient")  # a run within the limit is served
+
+
+def test_abort_from_a_second_connection_needs_the_token_when_there_is_one():
+    token = "0123456789abcdef-abort-token"
+    with _served(token=token) as server, _prepared(server.url, token=token) as dev:
+        outcome: list[object] = []
+        thread = threading.Thread(target=lambda: outcome.append(_catch(dev)))
+        thread.start()
+        time.sleep(1.0)
+        with pytest.raises(driver.AuthenticationError):
+            driver.tcp.abort(server.url)  # no token: refused, and the run goes on
+        assert thread.is_alive()
+        assert driver.tcp.abort(server.url, token=token) is True
+        thread.join(10)
+        assert isinstance(outcome[0], driver.RunAbortedError)
+
+
+def _catch(dev: driver.Device) -> object:
+    try:
+        return dev.run(t=LONG, burn_in=1.0, engine="transient")
+    except driver.SpuError as exc:
+        return exc
