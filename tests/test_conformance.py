@@ -14,6 +14,7 @@ import spu_emulator
 from driver import cli, conformance
 from spu_emulator import Firmware, load_spec, wire
 from spu_emulator.server import DeviceServer
+from spu_emulator.spec import preset_names
 
 
 def _failed(checks: list[conformance.Check]) -> dict[str, str]:
@@ -24,10 +25,7 @@ def _served(preset: str, seed: int = 0) -> DeviceServer:
     return DeviceServer(Firmware(load_spec(preset), seed=seed), "127.0.0.1", 0).start()
 
 
-@pytest.mark.parametrize(
-    "preset",
-    ["spu-8", "ideal", *(pytest.param(preset, marks=pytest.mark.slow) for preset in ("spu-8-lc", "tngd-sim"))],
-)
+@pytest.mark.parametrize("preset", preset_names())  # under a second each, so every preset in the default suite
 def test_every_check_passes_against_spu_serve(preset):
     with _served(preset) as server:
         checks = conformance.run(server.url)
