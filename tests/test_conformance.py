@@ -156,3 +156,28 @@ def test_a_server_that_accepts_out_of_range_codes_fails_the_refusal_checks(monke
     assert "answered OK, expected BAD_ARGUMENT" in failed["refusals change nothing"]
     assert "status OK" in failed["vector spu-8/load_matrix_code_over_max"]
     assert "vector spu-8/load_matrix" not in failed and "vector spu-8/read_mean" not in failed
+
+
+def test_check_reply_names_each_kind_of_departure():
+    """check_reply on replies made to depart from a vector in one way each."""
+    vector = json.loads((conformance.VECTOR_DIR / "spu-8" / "read_mean.json").read_text())
+    expect = vector["steps"][-1]["expect"]  # READ_MEAN: mean_codes float64 (2,), |code| <= 2047
+    good = {"mean_codes": np.array([700.0, -690.0]), "samples": 100, "hardware_time": {"link_s": 0.0}}
+
+    def problems(payload, request_id=expect["request_id"], status=0):
+        frame = wire.encode_frame(wire.REPLY, expect["opcode"], status, request_id, payload)
+        return conformance.check_reply(expect, frame)
+
+    assert problems(good) == []
+    assert problems(good, request_id=0) == [f"request_id 0, expected {expect['request_id']}"]
+    assert problems(good, status=2)[0].startswith("status BAD_STATE")
+    assert problems({**good, "mean_codes": np.array([700.0, -690.0, 1.0])}) == [
+        "array 'mean_codes' has shape [3], expected [2]"
+    ]
+    assert problems({**good, "mean_codes": np.array([700, -690])}) == [
+        "array 'mean_codes' has dtype int64, expected float64"
+    ]
+    assert "beyond the code bound 2047" in problems({**good, "mean_codes": np.array([2048.5, 0.0])})[0]
+    assert problems({**good, "samples": 1.5}) == ["field 'samples' is float, expected int"]
+    assert problems({"mean_codes": good["mean_codes"], "samples": 100}) == ["field 'hardware_time' missing"]
+    assert problems({**good, "extra": 1}) == []  # a device MAY add reply fields
