@@ -73,7 +73,7 @@ def test_the_right_token_opens_the_device_and_gives_the_in_process_bits():
         dev.load_vector(b)
         dev.run(t=40.0, burn_in=20.0)
         served = dev.read_mean()
-        dev.transport._drop()  # a dropped link: the next call reconnects and authenticates again
+        dev.transport._drop(graceful=True)  # a dropped link: the next call reconnects and authenticates again
         again = dev.read_mean()
     with driver.open("ideal", seed=3) as local:
         local.load_matrix(A)
