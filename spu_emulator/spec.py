@@ -368,8 +368,8 @@ def spec_from_mapping(data: Any, source: str = "<mapping>") -> DeviceSpec:
     if osc["damping_max"] > 0.0 and not osc["damping_min"] <= osc["damping"] <= osc["damping_max"]:
         raise SpecError(
             f"{source}: field oscillator.damping = {osc['damping']!r} is outside [oscillator.damping_min,"
-            f" damping_max] = [{osc['damping_min']!r}, {osc['damping_max']!r}], the range SET_DAMPING programmes;"
-            " widen the range or change damping"
+            f" oscillator.damping_max] = [{osc['damping_min']!r}, {osc['damping_max']!r}], the range SET_DAMPING"
+            " programmes; widen the range or change damping"
         )
     sections = {key: cls(**values[key]) for key, cls in _SECTIONS.items()}
     top = {k: v for k, v in values.items() if k not in _SECTIONS}
