@@ -97,12 +97,15 @@ def as_float_array(value: Any, what: str, ndim: int) -> np.ndarray:
     array = array.astype(np.float64)
     if array.ndim != ndim:
         raise InvalidInputError(f"{what} must have {ndim} dimension(s), got shape {array.shape}")
-    bad = ~np.isfinite(array)
-    if bad.any():
-        first = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise InvalidInputError(
-            f"{what} has {int(bad.sum())} NaN or infinite entries (first at {first}); pass finite values"
-        )
+    with np.errstate(over="ignore", invalid="ignore"):
+        finite = bool(np.isfinite(array.sum()))  # one pass, no temporary: a NaN or inf entry makes the sum so
+    if not finite:  # (or finite entries overflowed it: then the scan below finds nothing)
+        bad = ~np.isfinite(array)
+        if bad.any():
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise InvalidInputError(
+                f"{what} has {int(bad.sum())} NaN or infinite entries (first at {first}); pass finite values"
+            )
     return array
 
 

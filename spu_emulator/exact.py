@@ -730,9 +730,7 @@ class LowRankModel:
         rate beta; the l2 bound grows as sqrt(N) for a path spread over many cells, this one does not.
         W is formed a block of rows at a time (at most 2^22 values held): O(N m r + N r G).
         """
-        d = state - target
-        y = self.project(d)
-        c = d - self.expand(y)
+        y, c = self._split(state, target)
         modes = math.exp(-float(self.rates.min()) * start) if self.rates.size else 0.0
         edge = np.abs(target + math.exp(-self.base_rate * start) * c)
         far = np.abs(target + math.exp(-self.base_rate * stop) * c)
@@ -743,11 +741,23 @@ class LowRankModel:
         weights = np.append(y, 1.0)  # c's own weight: its "mode" is c itself
         decay, steps = _path_grid(rates, start, stop)  # a contractive model: every rate > 0
         size = max(1, 2**22 // weights.size)
-        for first in range(0, d.shape[0], size):
+        for first in range(0, state.shape[0], size):
             rows = slice(first, first + size)
             block = np.column_stack((self.j[:, rows].T @ self.coefs, c[rows]))
             bound[rows] = np.minimum(bound[rows], _path_bound(block, weights, decay, steps, target[rows]))
         return bound
+
+    def _split(self, state: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(y, c) = (W^T d, d - W y) for d = state - target, kept for the last (state, target): the engine
+        choice asks ``reach`` up to four times about one run, and each split reads J twice.  O(N m)."""
+        last = self._memo.get("split")
+        if last is not None and last[1] is target and np.array_equal(last[0], state):
+            return last[2], last[3]
+        d = state - target
+        y = self.project(d)
+        c = d - self.expand(y)
+        self._memo["split"] = (state.copy(), target, y, c)  # target kept alive: its identity stays its own
+        return y, c
 
 
 def diagonal_blocks(h: np.ndarray) -> list[slice]:
