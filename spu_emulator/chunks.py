@@ -27,7 +27,10 @@ import numpy as np
 __all__ = ["CHUNK_S", "advance_in_chunks", "Stopped"]
 
 CHUNK_S = 0.1  # wall time per chunk: a stop request waits at most about this long (Ctrl-C asks for 0.5 s)
-_FIRST_STEPS = 256  # the first chunk, before the speed is known
+# the first chunk, before the speed is known: this much work (multiply-adds, about 10 to 40 ms), so a short
+# run on a small array is one call, and a step of a huge array is not repeated blindly
+_FIRST_FLOPS = 2e7
+_GROWTH = 16  # a chunk is at most this many times the last (a timer's noise on a short chunk is not trusted)
 
 
 class Stopped(Exception):
@@ -48,17 +51,19 @@ def advance_in_chunks(
     first_sample_step: int,
     interrupt: Callable[[], str] | None = None,
     max_chunk_steps: int | None = None,
+    flops_per_step: float = 1.0,
 ) -> tuple[int, int, bool, int, bool]:
     """Run ``advance(steps, first_sample_step, snapshots, stride)`` (one kernel call, as in ``engines``) over
     consecutive chunks that make up ``n_steps``; returns (steps, samples, saturated, clipped, runaway) as one
     call would.  ``interrupt()`` is called between chunks; a non-empty answer raises :class:`Stopped`.
-    ``max_chunk_steps`` caps a chunk (tests force small chunks with it).  Cost: the kernel's, plus one
-    Python round per chunk (about 10 us)."""
+    ``max_chunk_steps`` caps a chunk (tests force small chunks with it); ``flops_per_step`` (about n^2 for a
+    dense array, 3 m N for a GGN load) sizes the first chunk.  Cost: the kernel's, plus one Python round and
+    kernel dispatch per chunk (about 15 us).  The first chunk rounds down, later ones grow to CHUNK_S."""
     sps = steps_per_sample
     window_start = first_sample_step - sps  # steps before the window's first conversion (a multiple of sps)
     done = samples = clipped = 0
     saturated = False
-    size = _FIRST_STEPS
+    size = max(1, int(min(_FIRST_FLOPS / max(flops_per_step, 1.0), n_steps)))
     while done < n_steps:
         chunk = _aligned(done, min(size, max_chunk_steps or size), window_start, sps, stride)
         chunk = min(chunk, n_steps - done)
@@ -78,10 +83,9 @@ def advance_in_chunks(
             reason = interrupt()
             if reason:
                 raise Stopped(reason, done)
-        # aim the next chunk at CHUNK_S of wall time, growing at most 4-fold (a chunk of a slow machine
-        # or a busy moment is not a reason to wait seconds for the next check)
+        # aim the next chunk at CHUNK_S of wall time, growing at most _GROWTH-fold
         rate = chunk / max(elapsed, 1e-6)
-        size = max(sps, min(4 * chunk, int(rate * CHUNK_S)))
+        size = max(sps, min(_GROWTH * chunk, int(rate * CHUNK_S)))
     return n_steps, samples, saturated, clipped, False
 
 

@@ -141,9 +141,10 @@ class Engines:
                     advance, record, n, n_steps, steps_per_sample, first_sample_step, self.interrupt
                 )
             else:
+                flops = 3.0 * matrix.m * n if isinstance(matrix, ProgrammedGGN) else float(n * n)
                 steps, samples, saturated, clipped, runaway = advance_in_chunks(
                     advance, record.snapshots, record.stride, n_steps, steps_per_sample, first_sample_step,
-                    self.interrupt, self.max_chunk_steps,
+                    self.interrupt, self.max_chunk_steps, flops,
                 )  # fmt: skip
         except BaseException as exc:  # KeyboardInterrupt too: the run is discarded, the device as before it
             self._rng.bit_generator.state = rng_before

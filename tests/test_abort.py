@@ -31,9 +31,10 @@ def _snapshot(firmware: Firmware) -> tuple:
     return firmware.analog_state().tobytes(), str(firmware.rng.bit_generator.state), status, str(mean)
 
 
-def _run(spec: str, max_chunk_steps: int | None, monkeypatch, first_steps: int) -> dict:
-    """One device's transient runs (recording snapshots with a stride, second moments, lags) and its reads."""
-    monkeypatch.setattr(chunks, "_FIRST_STEPS", first_steps)
+def _run(spec: str, max_chunk_steps: int | None, monkeypatch) -> dict:
+    """One device's transient runs (recording snapshots with a stride, second moments, lags) and its reads;
+    max_chunk_steps None: each run in one kernel call."""
+    monkeypatch.setattr(chunks, "_FIRST_FLOPS", 1e30 if max_chunk_steps is None else 1.0)
     out = {}
     with driver.open(spec, seed=11) as dev:
         dev.transport.firmware.max_chunk_steps = max_chunk_steps
@@ -61,9 +62,9 @@ def _run(spec: str, max_chunk_steps: int | None, monkeypatch, first_steps: int) 
 @pytest.mark.filterwarnings("ignore::driver.SettlingWarning")  # short burn-ins: bits, not answers, matter here
 @pytest.mark.parametrize("spec", ["spu-8", "spu-8-lc", "tngd-sim"])
 def test_a_run_in_chunks_gives_the_bits_of_one_call(spec, monkeypatch):
-    whole = _run(spec, None, monkeypatch, first_steps=10**9)  # one kernel call per run
+    whole = _run(spec, None, monkeypatch)  # one kernel call per run
     for size in (1, 7, 64):  # chunks of one conversion period and up, rounded up to stride boundaries
-        chunked = _run(spec, size, monkeypatch, first_steps=size)
+        chunked = _run(spec, size, monkeypatch)
         for name, value in whole.items():
             if isinstance(value, str):
                 assert chunked[name] == value, (spec, size, name)
