@@ -84,6 +84,20 @@ def _same_calls(request, shown: dict[str, list[str]]) -> np.ndarray:
     return np.asarray(reply["mean_codes"])
 
 
+def _freed_device(host: str, port: int) -> TcpTransport:
+    """A connection that holds the device: the server frees it when it sees the C client's close, which on a
+    busy machine can come after our connection (then BUSY); retried for up to 10 s."""
+    deadline = time.monotonic() + 10.0
+    while True:
+        transport = TcpTransport(host, port)
+        status, reply = transport.request(int(Opcode.STATUS), None)
+        if status != Status.BUSY or time.monotonic() > deadline:
+            assert status == Status.OK, reply
+            return transport
+        transport.close()
+        time.sleep(0.05)
+
+
 def test_c_client_reads_the_mean_codes_the_python_driver_reads(client, served):
     host, port = parse_url(served)
     run = subprocess.run([str(client), host, str(port)], capture_output=True, text=True, timeout=120)
@@ -94,7 +108,7 @@ def test_c_client_reads_the_mean_codes_the_python_driver_reads(client, served):
     assert shown["vector_codes"] == ["512", "-512"]  # round(2047 / 4)
     c_means = np.array([float.fromhex(value) for value in shown["mean_codes"]])
 
-    transport = TcpTransport(host, port)
+    transport = _freed_device(host, port)
     try:
         tcp_means = _same_calls(transport.request, shown)
     finally:
