@@ -87,14 +87,16 @@ def check_fits(info: DeviceInfo, n: int, what: str) -> None:
         )
 
 
-def as_float_array(value: Any, what: str, ndim: int) -> np.ndarray:
+def as_float_array(value: Any, what: str, ndim: int, copy: bool = True) -> np.ndarray:
+    """``value`` as a float64 array of ``ndim`` dimensions with finite entries (a copy unless ``copy=False``
+    and it is float64 already), or InvalidInputError naming ``what``.  O(size): one pass when all is well."""
     try:
         array = np.asarray(value)
     except Exception as exc:  # ragged lists and the like
         raise InvalidInputError(f"{what} could not be read as an array: {exc}") from None
     if array.dtype.kind not in "biuf":
         raise InvalidInputError(f"{what} must be real numbers, got dtype {array.dtype}")
-    array = array.astype(np.float64)
+    array = array.astype(np.float64, copy=copy)
     if array.ndim != ndim:
         raise InvalidInputError(f"{what} must have {ndim} dimension(s), got shape {array.shape}")
     with np.errstate(over="ignore", invalid="ignore"):

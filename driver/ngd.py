@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
+from .checks import as_float_array
 from .errors import InvalidInputError
 from .numbers import real
 
@@ -257,25 +258,7 @@ def _psd_sqrt(H: np.ndarray) -> np.ndarray:
 
 # -- validation helpers --------------------------------------------------------------------------------
 def _array(value: Any, what: str, ndim: int) -> np.ndarray:
-    try:
-        array = np.asarray(value)
-    except Exception as exc:  # ragged lists and the like
-        raise InvalidInputError(f"{what} could not be read as an array: {exc}") from None
-    if array.dtype.kind not in "biuf":
-        raise InvalidInputError(f"{what} must be real numbers, got dtype {array.dtype}")
-    array = array.astype(np.float64, copy=False)
-    if array.ndim != ndim:
-        raise InvalidInputError(f"{what} must have {ndim} dimension(s), got shape {array.shape}")
-    with np.errstate(over="ignore", invalid="ignore"):
-        finite = bool(np.isfinite(array.sum()))  # one pass, no temporary: a NaN or inf entry makes the sum so
-    if not finite:  # (or finite entries overflowed it: then the scan below finds nothing)
-        bad = ~np.isfinite(array)
-        if bad.any():
-            first = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise InvalidInputError(
-                f"{what} has {int(bad.sum())} NaN or infinite entries (first at {first}); pass finite values"
-            )
-    return array
+    return as_float_array(value, what, ndim, copy=False)
 
 
 def _check_symmetric(X: np.ndarray, what: str) -> None:
