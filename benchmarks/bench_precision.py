@@ -39,18 +39,10 @@ import numpy as np  # noqa: E402
 
 import driver  # noqa: E402
 from driver import linalg  # noqa: E402
+from driver.calibration import CORRECTED_EFFECTS as CORRECTABLE_OFF  # noqa: E402
 from driver.precision import critical_damping  # noqa: E402
 from spu_emulator.hidden import hidden_parameters  # noqa: E402
 
-CORRECTABLE_OFF = {
-    "coupling.mismatch": 0.0,
-    "coupling.input_conductance_mismatch": 0.0,
-    "dac.gain_error": 0.0,
-    "adc.gain_error": 0.0,
-    "dac.offset_v": 0.0,
-    "adc.offset_v": 0.0,
-    "cell.opamp_offset_v": 0.0,
-}
 T = 200.0  # tau per solve (linalg.solve's default)
 
 

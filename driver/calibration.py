@@ -56,8 +56,19 @@ from .errors import InvalidInputError, SaturationError, SpuError
 if TYPE_CHECKING:  # the device imports this module for its hooks
     from .device import Device, DeviceTime
 
-__all__ = ["Calibration", "CalibrationError", "calibrate"]
+__all__ = ["Calibration", "CalibrationError", "calibrate", "CORRECTED_EFFECTS"]
 
+# spec overrides that turn off every effect a calibration corrects: a device opened with them shows the floor a
+# calibration can reach (quantisation and noise are what is left); tests and benchmarks/bench_precision.py use it
+CORRECTED_EFFECTS: dict[str, float] = {
+    "coupling.mismatch": 0.0,
+    "coupling.input_conductance_mismatch": 0.0,
+    "dac.gain_error": 0.0,
+    "adc.gain_error": 0.0,
+    "dac.offset_v": 0.0,
+    "adc.offset_v": 0.0,
+    "cell.opamp_offset_v": 0.0,
+}
 _PATTERN_SEED = 0x5EED  # the calibration matrix's sign pattern: fixed, so every calibration probes the same loads
 _LAMBDA_FRACTION = 0.5  # the calibration matrices' smallest eigenvalue, as a fraction of g_max
 _FILL = 0.6  # the unit inputs drive the largest node voltage to about this fraction of the smaller limit

@@ -15,19 +15,9 @@ import pytest
 
 import driver
 from driver import linalg
+from driver.calibration import CORRECTED_EFFECTS as CORRECTABLE_OFF
 from driver.calibration import Calibration, CalibrationError
 from spu_emulator.hidden import hidden_parameters
-
-# every effect a calibration corrects turned off: what remains is quantisation and noise
-CORRECTABLE_OFF = {
-    "coupling.mismatch": 0.0,
-    "coupling.input_conductance_mismatch": 0.0,
-    "dac.gain_error": 0.0,
-    "adc.gain_error": 0.0,
-    "dac.offset_v": 0.0,
-    "adc.offset_v": 0.0,
-    "cell.opamp_offset_v": 0.0,
-}
 
 
 def random_spd(rng: np.random.Generator, n: int, cond: float) -> np.ndarray:

@@ -11,18 +11,11 @@ import pytest
 
 import driver
 from driver import linalg
+from driver.calibration import CORRECTED_EFFECTS
 from driver.mitigation import MitigationReport, randomised_codes
 
 # spu-8 without mismatch and converter errors: 8-bit elements, 12-bit converters, its noise
-QUANTISED = {
-    "coupling.mismatch": 0.0,
-    "coupling.input_conductance_mismatch": 0.0,
-    "dac.gain_error": 0.0,
-    "adc.gain_error": 0.0,
-    "dac.offset_v": 0.0,
-    "adc.offset_v": 0.0,
-    "cell.opamp_offset_v": 0.0,
-}
+QUANTISED = CORRECTED_EFFECTS
 
 
 def random_spd(rng: np.random.Generator, n: int, cond: float) -> np.ndarray:
