@@ -19,7 +19,8 @@ from . import _kernels, _lagged, _oscillator
 from .arrays import ProgrammedGGN
 from .chunks import Stopped, advance_in_chunks
 from .converters import code_max
-from .exact import LinearModel, LowRankModel, prepare, prepare_ggn, propagate, propagate_lagged, window
+from .exact import LinearModel, prepare, propagate, propagate_lagged, window
+from .lowrank import LowRankModel, prepare_ggn
 from .payload import _Refused
 from .protocol import Engine, OnSaturation, Status
 from .recording import _LAG_CHUNK_VALUES, _Record

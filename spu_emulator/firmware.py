@@ -21,7 +21,8 @@ from .blas import fixed_threads
 from .budget import check_budget, dense_bytes, ggn_bytes, recording_bytes
 from .converters import check_codes
 from .engines import _UNSTABLE, Engines
-from .exact import LinearModel, LowRankModel
+from .exact import LinearModel
+from .lowrank import LowRankModel
 from .oscillator import OscillatorArray, draw_oscillator_parts
 from .parts import NOISE_STREAM, draw_cell_parts
 from .payload import _array, _choice, _integer, _number, _Refused

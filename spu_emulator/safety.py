@@ -11,7 +11,8 @@ import math
 
 import numpy as np
 
-from .exact import LinearModel, LowRankModel, window
+from .exact import LinearModel, window
+from .lowrank import LowRankModel
 from .payload import _Refused
 from .protocol import Status
 

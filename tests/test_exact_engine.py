@@ -53,7 +53,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import driver
-from spu_emulator import exact
+from spu_emulator import exact, lowrank
 from spu_emulator.spec import SPEC_DIR, read_yaml
 
 Z = 4.0  # standard errors allowed in every statistical assertion
@@ -508,7 +508,7 @@ def _fresh_models(form: str):
         j = rng.standard_normal((3, 6))
         h = np.diag([1.0, 0.5, 0.25])
         cells = np.ones(6)
-        model, why = exact.prepare_ggn(j, h, 0.1 * cells, 2.0 * cells, 0.3 * cells)
+        model, why = lowrank.prepare_ggn(j, h, 0.1 * cells, 2.0 * cells, 0.3 * cells)
         assert model is not None, why
         return model
     q, _ = np.linalg.qr(rng.standard_normal((5, 5)))
@@ -642,7 +642,7 @@ def test_path_bounds_hold(seed, n, form, start, span):
         j = rng.standard_normal((max(1, n - 1), n))
         h = np.eye(j.shape[0])
         cells = np.ones(n)
-        model, why = exact.prepare_ggn(j, h, 0.3 * cells, cells, 0.1 * cells)
+        model, why = lowrank.prepare_ggn(j, h, 0.3 * cells, cells, 0.1 * cells)
         assert model is not None, why
         drift = 0.3 * np.eye(n) + j.T @ h @ j
     assert model.form == form and model.contractive
@@ -681,7 +681,7 @@ def test_tight_low_rank_bound_follows_each_cell():
     n, m = 400, 40
     j = rng.standard_normal((m, n)) / np.sqrt(n)
     cells = np.ones(n)
-    model, why = exact.prepare_ggn(j, np.eye(m), 0.2 * cells, cells, 0.01 * cells)
+    model, why = lowrank.prepare_ggn(j, np.eye(m), 0.2 * cells, cells, 0.01 * cells)
     assert model is not None, why
     rates, vectors = np.linalg.eigh(0.2 * np.eye(n) + j.T @ j)
     target = 0.1 * rng.standard_normal(n)

@@ -28,7 +28,7 @@ import yaml
 import driver
 from driver.codes import code_max, to_codes
 from driver.ggn import program
-from spu_emulator import _kernels, exact
+from spu_emulator import _kernels, exact, lowrank
 from spu_emulator.spec import SPEC_DIR, read_yaml
 
 
@@ -280,7 +280,7 @@ def test_lowrank_engine_has_the_analytic_moments(m, n, rank_h):
     a = gen.standard_normal((m, rank_h))
     h = a @ a.T / m
     gamma, damping_g, s = 1.3, 0.4, 0.7
-    model, why = exact.prepare_ggn(j, h, np.full(n, damping_g), np.full(n, gamma), np.full(n, s))
+    model, why = lowrank.prepare_ggn(j, h, np.full(n, damping_g), np.full(n, gamma), np.full(n, s))
     assert model is not None and why == ""
     drift = gamma * (j.T @ h @ j + damping_g * np.eye(n))
     force = gen.standard_normal(n)
@@ -308,10 +308,10 @@ def test_lowrank_refuses_what_it_cannot_model():
     j = np.ones((2, 3))
     h = np.eye(2)
     ones = np.ones(3)
-    assert exact.prepare_ggn(j, np.array([[1.0, 0.5], [0.0, 1.0]]), ones, ones, ones)[0] is None
-    model, why = exact.prepare_ggn(j, -h, ones, ones, ones)
+    assert lowrank.prepare_ggn(j, np.array([[1.0, 0.5], [0.0, 1.0]]), ones, ones, ones)[0] is None
+    model, why = lowrank.prepare_ggn(j, -h, ones, ones, ones)
     assert model is None and "positive semi-definite" in why
-    model, why = exact.prepare_ggn(j, h, ones, np.array([1.0, 1.1, 1.0]), ones)
+    model, why = lowrank.prepare_ggn(j, h, ones, np.array([1.0, 1.1, 1.0]), ones)
     assert model is None and "differ" in why
 
 
@@ -708,7 +708,7 @@ def test_lowrank_engine_is_sound_for_nearly_singular_j():
     a = gen.standard_normal((m, m - 1))
     h = a @ a.T / m
     gamma, damping_g = 1.0, 0.3
-    model, _ = exact.prepare_ggn(j, h, np.full(n, damping_g), np.full(n, gamma), np.zeros(n))
+    model, _ = lowrank.prepare_ggn(j, h, np.full(n, damping_g), np.full(n, gamma), np.zeros(n))
     assert model.complement == 0
     drift = gamma * (j.T @ h @ j + damping_g * np.eye(n))
     force = gen.standard_normal(n)
