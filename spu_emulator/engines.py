@@ -20,6 +20,7 @@ from .arrays import ProgrammedGGN
 from .chunks import Stopped, advance_in_chunks
 from .converters import code_max
 from .exact import LinearModel, prepare, propagate, propagate_lagged, window
+from .krylov import KrylovModel, prepare_dense
 from .lowrank import LowRankModel, prepare_ggn
 from .payload import _Refused
 from .protocol import Engine, OnSaturation, Status
@@ -185,7 +186,7 @@ class Engines(SafetyAnalysis):
             )
         return report, state, acc, int(samples)
 
-    def _linear_model(self) -> LinearModel | LowRankModel | None:
+    def _linear_model(self) -> LinearModel | KrylovModel | LowRankModel | None:
         """The exact engine's model of the programmed array, made once per array; None when there is
         none (a GGN array with mismatch, or with cells that differ: ``_linear_why`` says which)."""
         matrix = self._matrix
@@ -204,7 +205,7 @@ class Engines(SafetyAnalysis):
                         matrix.j, matrix.h, matrix.damping, matrix.inv_c, matrix.noise_sd, matrix.column_norms
                     )
             else:
-                self._linear = prepare(matrix.drift, matrix.noise_sd)
+                self._linear = prepare_dense(matrix.drift, matrix.noise_sd)
             self._linear_for = matrix
         return self._linear
 
@@ -250,7 +251,7 @@ class Engines(SafetyAnalysis):
         the modal form (a symmetric array with equal noise in every cell), zero drive (V* = 0), converters
         that pass the volts through (no bits, gain 1, offset 0, no noise), no other recording, and a window
         of at least _LAGGED_MIN_SPANS correlation times of the slowest mode (the central limit)."""
-        model = self._linear_model()
+        model = _modal(self._linear_model())
         adc = self.spec.adc
         n = self._matrix.n
         if model is None or model.form != "modal":
@@ -299,7 +300,7 @@ class Engines(SafetyAnalysis):
             period = 1.0 / adc.sample_rate
             record.check_window(window(t, burn_in, period)[1] - window(t, burn_in, period)[0], period)
             mean_v, final, count, sums = propagate_lagged(
-                model, self._phase_state(), target, t, burn_in, period, record.lags, self._rng
+                _modal(model), self._phase_state(), target, t, burn_in, period, record.lags, self._rng
             )
             record.lagged[...] = sums
         else:
@@ -336,6 +337,11 @@ class Engines(SafetyAnalysis):
             "hardware_time": run_time(self.spec, t),
         }
         return report, final, acc, count
+
+
+def _modal(model):
+    """The modal form of a Krylov model (for what only the modal form draws: lagged sums); others as they are."""
+    return model.modal() if isinstance(model, KrylovModel) else model
 
 
 def _advance_lagged(

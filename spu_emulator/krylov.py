@@ -1,0 +1,310 @@
+"""The exact engine for large symmetric arrays without an eigendecomposition: Cholesky and Lanczos.
+
+For a symmetric positive definite drift M (n, n) with equal noise s in every cell (the modal form of
+:mod:`spu_emulator.exact`), a run needs V* = M^-1 f and, for the vectors it moves, a few scalar functions
+of M: the hop e^{-M h}, its noise sd(M) = s ((I - e^{-2 M h}) / (2 M))^{1/2}, and the window's sums
+(``exact._window_coefficients``).  The modal form finds them from a full ``eigh`` (O(n^3), about 12x a
+Cholesky at n = 1024); this form instead factors M once (Cholesky, n^3 / 3) and applies each function
+to the vectors of the run by the Lanczos method:
+
+    f(M) v ~= |v| Q_k f(T_k) e_1,     T_k = Q_k^T M Q_k  (k x k tridiagonal),
+
+with full reorthogonalisation, all the run's vectors (its starting deviation and its normals) in one
+batch of matrix products.  Convergence is monitored the standard way (the change of the result between
+checks 6 steps apart, against |v| max |f| over the Ritz values) down to 1e-13 relative, the accuracy of
+the modal form's own ``eigh``; the number of steps grows with sqrt(cond M) (about 60 at cond 10).  When
+it does not converge in :data:`_MAX_STEPS`, or for anything the form does not answer (lagged sums), the
+model falls back to the modal form, made once on demand (:meth:`KrylovModel.modal`).
+
+The normals are drawn in the cells' basis, not the modes': f(M) z with z ~ N(0, I) has the law of
+W f(L) z' (W orthogonal), so the run's law is the modal form's, its bits are not.
+
+The engine choice's questions (see ``spu_emulator.safety``) get bounds: the stationary variance exactly,
+diag(Sigma) = s^2 / 2 diag(M^-1) from the Cholesky factor's inverse (n^3 / 3, asked only with rails or
+a quantised ADC); the fresh variance per sample from below by Jensen's inequality on the diagonal
+(as ``lowrank.LowRankModel``); the largest rate from above by Gershgorin; the mean path in l2 by
+||e^{-M s}|| <= 1, then cell by cell along the path in the Lanczos basis of d = V(0) - V*
+(:meth:`KrylovModel.reach`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+import scipy.linalg
+
+from .exact import (
+    LinearModel,
+    _hop_coefficients,
+    _memoised,
+    _path_bound,
+    _path_grid,
+    _per_force,
+    _window_coefficients,
+    prepare,
+)
+
+__all__ = ["KrylovModel", "prepare_dense"]
+
+MIN_CELLS = 512  # below this eigh costs little, and the modal form (bit-identical to before) is kept
+_MAX_STEPS = 240  # Lanczos steps before the modal form is cheaper (eigh ~ 250 n x 5 products at n = 1024)
+_CHECK_EVERY = 6
+_TOLERANCE = 1e-13
+_REACH_MARGIN = 10.0
+_potrf = scipy.linalg.lapack.dpotrf
+_trtri = scipy.linalg.lapack.dtrtri  # the reach bound adds this many times the Lanczos error estimate of the path
+
+
+@dataclass(frozen=True)
+class KrylovModel:
+    """The exact engine's view of a symmetric positive definite array with equal noise in every cell.
+
+    factor: (L, True), L the lower Cholesky factor of M with a zero upper triangle (``scipy.linalg.cho_solve``'s
+    form); noise_level: s
+    (V / sqrt(tau)); rate_max: an upper bound of M's largest eigenvalue (Gershgorin, 1 / tau).
+    """
+
+    drift: np.ndarray
+    noise_sd: np.ndarray
+    factor: tuple
+    noise_level: float
+    rate_max: float
+    form: str = "krylov"
+    stable: bool = True
+    contractive: bool = True
+    contraction_rate: float = 0.0  # ||e^{-M s}||_2 <= 1 = e^{-0 s}: M is positive definite
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def modal(self) -> LinearModel:
+        """The modal form of the same array (one eigh, O(n^3), made once on first use)."""
+        return _memoised(self._memo, ("modal",), lambda: prepare(self.drift, self.noise_sd))
+
+    def fixed_point(self, force: np.ndarray) -> np.ndarray:
+        """V* = M^-1 f by the Cholesky factor.  O(n^2), once per force array."""
+        return _per_force(self._memo, force, lambda f: scipy.linalg.cho_solve(self.factor, f, check_finite=False))
+
+    def stationary_var_upper(self) -> np.ndarray:
+        """diag(Sigma) = s^2 / 2 diag(M^-1) exactly (the rows of L^-1 squared), volts^2.  O(n^3 / 3), once."""
+        return _memoised(self._memo, ("stationary_var",), self._stationary_var)
+
+    def _stationary_var(self) -> np.ndarray:
+        lower, _ = self.factor
+        inverse, info = _trtri(lower, lower=1)
+        if info != 0:
+            raise ValueError(f"dtrtri failed with info {info}")
+        return 0.5 * self.noise_level**2 * np.einsum("ij,ij->j", inverse, inverse)
+
+    def fresh_var_lower(self, period: float) -> np.ndarray:
+        """Per cell, a lower bound of the fresh variance per sample, volts^2.  O(n).
+
+        diag q(M) with q(x) = s^2 (1 - e^{-2 x period}) / (2 x), convex: by Jensen's inequality in the
+        eigenbasis q(M)_ii >= q(M_ii)."""
+        x = np.diagonal(self.drift)
+        return self.noise_level**2 * -np.expm1(-2.0 * x * period) / (2.0 * x)
+
+    def reach(
+        self, state: np.ndarray, target: np.ndarray, start: float = 0.0, tight: bool = False, stop: float = math.inf
+    ) -> np.ndarray:
+        """Per cell, a bound on |V_i(s)| for start <= s <= stop along the mean path V* + e^{-M s} d,
+        d = state - target.
+
+        |V*_i| + ||d||: O(n).  ``tight``: the smaller of that and the path followed cell by cell in the
+        Lanczos basis of d: with T_k = S diag(theta) S^T, V(s) ~= V* + (Q_k S) e^{-theta s} (S^T |d| e_1),
+        bounded over each stretch of a time grid as in ``exact._modal_path_bound`` (rigorous for that
+        path), plus _REACH_MARGIN times the Lanczos error estimate of the path.  O(n^2 k).  The modal
+        form's bound when Lanczos does not converge.
+        """
+        d = state - target
+        norm = float(np.linalg.norm(d))
+        bound = np.abs(target) + norm
+        if not tight or norm == 0.0:
+            return bound
+        span = stop - start
+        times = start + np.concatenate(([0.0], np.geomspace(0.02, 1e6, 48) / self.rate_max))
+        times = np.minimum(times, stop) if math.isfinite(span) else times
+
+        def path(theta):
+            return np.exp(-np.outer(theta, times))
+
+        run = _lanczos(self.drift, d[None, :], [path], floor=float(np.abs(target).max()))
+        if run is None:
+            return np.minimum(bound, self.modal().reach(state, target, start, tight=True, stop=stop))
+        (basis, theta, rotation, error) = run[0]
+        weights = norm * rotation[0]  # S^T |d| e_1
+        decay, steps = _path_grid(theta, start, stop)
+        path_bound = _path_bound(basis.T @ rotation, weights, decay, steps, target)
+        return np.minimum(bound, path_bound + _REACH_MARGIN * error + 1e-13 * norm)
+
+    def draw(self, d0, head, count, period, tail, rng):
+        """(sum of the window's deviations, final deviation) from d0 = V(0) - V*, in the law of the modal form
+        (``exact._propagate_modal``), every function of M applied by Lanczos.
+
+        The modal form chains a head hop, the window and a tail hop, each adding its own normals; per mode
+        the pair (sum, final) is then (f_sum, f_final)(lam) d0 plus a Gaussian whose 2 x 2 covariance C(lam)
+        sums the outer products of the normals' coefficients.  With its Cholesky factor R(lam) per mode,
+        (sum, final) = (f_sum d0 + R11 u1, f_final d0 + R21 u1 + R22 u2) for u1, u2 ~ N(0, I): three
+        Lanczos columns (d0, u1, u2) whatever the run.  Draw order: when noisy, n normals u1, then n u2.
+        Cost O(n^2 k) for k Lanczos steps, k independent of t and K.
+        """
+        s2 = self.noise_level**2
+        n = d0.shape[0]
+        starts = [d0]
+        if s2 > 0.0:
+            starts += [rng.standard_normal(n), rng.standard_normal(n)]
+        columns = [
+            partial(_run_functions, column=c, s2=s2, head=head, count=count, period=period, tail=tail)
+            for c in range(len(starts))
+        ]
+        starts = np.stack(starts)
+        run = _lanczos(self.drift, starts, columns, floor=float(np.linalg.norm(d0)) + self.noise_level)
+        if run is None:  # the modal form (one eigh) applies the same functions
+            modal = self.modal()
+            out = sum(
+                modal.modes @ (f(modal.rates) * (modal.modes.T @ v)[:, None])
+                for f, v in zip(columns, starts, strict=True)
+            )
+        else:
+            out = _combine(run, starts, columns)
+        return out[:, 0], out[:, 1]
+
+
+def _run_functions(lam, column, s2, head, count, period, tail) -> np.ndarray:
+    """(k, 2): the (sum, final) coefficients at rates lam of column 0 (the deviation d0), 1 (u1) or 2 (u2)
+    of :meth:`KrylovModel.draw`: the modal form's chain of scalar maps, its normals folded into R(lam)."""
+    decay_h, sd_h = _hop_coefficients(lam, s2, head)
+    decay_t, sd_t = _hop_coefficients(lam, s2, tail)
+    if count:
+        mean_sum, mean_last, l11, l21, l22 = _window_coefficients(lam, s2, period, count)
+    else:
+        zero = np.zeros_like(lam)
+        mean_sum, mean_last, l11, l21, l22 = zero, np.ones_like(lam), zero, zero, zero
+    if column == 0:
+        return np.stack((mean_sum * decay_h, decay_t * mean_last * decay_h), axis=1)
+    # the normals' (sum, final) coefficients: head hop, window (z1, z2), tail hop
+    noise = [
+        (mean_sum * sd_h, decay_t * mean_last * sd_h),
+        (l11, decay_t * l21),
+        (np.zeros_like(lam), decay_t * l22),
+        (np.zeros_like(lam), sd_t),
+    ]
+    c11 = sum(a * a for a, _ in noise)
+    c21 = sum(a * b for a, b in noise)
+    c22 = sum(b * b for _, b in noise)
+    r11 = np.sqrt(c11)
+    r21 = np.divide(c21, r11, out=np.zeros_like(c21), where=r11 > 0.0)
+    if column == 1:
+        return np.stack((r11, r21), axis=1)
+    return np.stack((np.zeros_like(lam), np.sqrt(np.maximum(c22 - r21**2, 0.0))), axis=1)
+
+
+def prepare_dense(drift: np.ndarray, noise_sd: np.ndarray) -> KrylovModel | LinearModel:
+    """The exact engine's model of a dense array (n, n) with noise_sd (n,): this module's form for a symmetric
+    positive definite array of at least MIN_CELLS cells with equal noise (one Cholesky, n^3 / 3),
+    else ``exact.prepare`` (the modal or general form, O(n^3) with an eigendecomposition)."""
+    n = drift.shape[0]
+    if n < MIN_CELLS or not np.all(noise_sd == noise_sd[0]) or not np.array_equal(drift, drift.T):
+        return prepare(drift, noise_sd)
+    lower, info = _potrf(drift, lower=1, clean=1)  # clean: the upper triangle zeroed, for dtrtri's inverse
+    if info != 0:  # not positive definite: the modal form says how unstable
+        return prepare(drift, noise_sd)
+    factor = (lower, True)
+    return KrylovModel(
+        drift=drift,
+        noise_sd=noise_sd,
+        factor=factor,
+        noise_level=float(noise_sd[0]),
+        rate_max=float(np.abs(drift).sum(axis=1).max()),  # Gershgorin
+    )
+
+
+def _combine(run, starts, per_column) -> np.ndarray:
+    """sum over the columns c of |v_c| Q_c S_c f_c(theta_c) S_c^T e_1, (n, r)."""
+    total = None
+    for (basis, theta, rotation, _), start, f in zip(run, starts, per_column, strict=True):
+        if basis.shape[0] == 0:
+            continue
+        coefficients = rotation @ (f(theta) * (float(np.linalg.norm(start)) * rotation[0])[:, None])
+        part = basis.T @ coefficients
+        total = part if total is None else total + part
+    if total is None:
+        n = starts.shape[1]
+        r = per_column[0](np.ones(1)).shape[1]
+        return np.zeros((n, r))
+    return total
+
+
+def _lanczos(drift: np.ndarray, starts: np.ndarray, functions, floor: float = 0.0) -> list | None:
+    """Lanczos with full reorthogonalisation from each row of ``starts`` (p, n), all in one batch.
+
+    functions[c](theta) -> (k, r) values of column c's functions at Ritz values theta.  The columns' results
+    |v| S f(theta) S^T e_1 are summed by the caller, so each must settle (change between checks
+    _CHECK_EVERY steps apart) to _TOLERANCE times the largest of the columns' |v| max |f| and ``floor``
+    (the scale of what they are added to), or its Krylov space become invariant.  Returns per column
+    (basis Q (k, n), theta (k,), S (k, k), the last change, l2 in the cells' basis), or None when
+    _MAX_STEPS did not suffice.  Cost O(n^2 p k + n p k^2).
+    """
+    p, n = starts.shape
+    norms = np.linalg.norm(starts, axis=1)
+    limit = min(n, _MAX_STEPS)
+    basis = np.zeros((p, limit + 1, n))
+    alpha = np.zeros((p, limit))
+    beta = np.zeros((p, limit))
+    results: list = [None] * p
+    previous: list = [None] * p
+    sizes = np.zeros(p)
+    active = list(np.flatnonzero(norms > 0.0))
+    for c in range(p):
+        if norms[c] > 0.0:
+            basis[c, 0] = starts[c] / norms[c]
+        else:
+            results[c] = (np.zeros((0, n)), np.zeros(0), np.zeros((0, 0)), 0.0)
+    scale = float(np.abs(drift).sum(axis=1).max())  # ||M||_inf, for the breakdown test
+    for j in range(limit):
+        if not active:
+            return results
+        rows = slice(None) if len(active) == p else np.array(active)  # a view while every column runs
+        q = basis[rows, j]
+        w = np.empty_like(q)
+        for i in range(q.shape[0]):  # one matrix-vector product each: OpenBLAS's gemm is slower at 2-5 columns
+            np.dot(drift, q[i], out=w[i])
+        alpha[rows, j] = np.einsum("pn,pn->p", w, q)
+        span = basis[rows, : j + 1]  # (a, j+1, n)
+        before = np.linalg.norm(w, axis=1)
+        for _ in range(2):  # classical Gram-Schmidt, repeated when it cancelled much ("twice is enough")
+            w -= np.matmul(span.transpose(0, 2, 1), np.matmul(span, w[:, :, None]))[:, :, 0]
+            after = np.linalg.norm(w, axis=1)
+            if np.all(after > 0.7 * before):
+                break
+            before = after
+        beta[rows, j] = after
+        invariant = after <= 1e-14 * scale
+        basis[rows, j + 1] = np.divide(w, after[:, None], out=np.zeros_like(w), where=~invariant[:, None])
+        if (j + 1) % _CHECK_EVERY and j + 1 < limit and not invariant.any():
+            continue
+        k = j + 1
+        settled = []
+        for index, c in enumerate(active):
+            if not (invariant[index] or k % _CHECK_EVERY == 0 or k == limit):
+                continue
+            theta, rotation = scipy.linalg.eigh_tridiagonal(alpha[c, :k], beta[c, : k - 1])
+            values = functions[c](theta)
+            coefficients = rotation @ (values * (norms[c] * rotation[0])[:, None])  # (k, r)
+            sizes[c] = norms[c] * float(np.abs(values).max())
+            last = previous[c]
+            change = np.inf
+            if last is not None:
+                change = math.hypot(
+                    float(np.linalg.norm(coefficients[: last.shape[0]] - last)),
+                    float(np.linalg.norm(coefficients[last.shape[0] :])),
+                )
+            previous[c] = coefficients
+            settled.append((c, invariant[index], change, k, theta, rotation))
+        level = _TOLERANCE * max(float(sizes.max()), floor)
+        for c, invariant_c, change, k, theta, rotation in settled:
+            if invariant_c or change <= level:
+                results[c] = (basis[c, :k].copy(), theta, rotation, 0.0 if invariant_c else change)
+                active.remove(c)
+    return results if not active else None
