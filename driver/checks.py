@@ -6,6 +6,7 @@ makes no device call, so composite calls (``linalg``, ``sampling``) check every 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,9 @@ from .reports import DeviceInfo
 
 # |A - A.T| up to this fraction of max |A| counts as symmetric (round-off of J^T H J and the like)
 SYMMETRY_RTOL = 1e-10
+
+# as_float_array checks arrays up to this size entry by entry, larger ones through their sum
+_SMALL = 4096
 
 
 def checked_matrix(info: DeviceInfo, A: Any, symmetric: bool = True) -> np.ndarray:
@@ -99,8 +103,11 @@ def as_float_array(value: Any, what: str, ndim: int, copy: bool = True) -> np.nd
     array = array.astype(np.float64, copy=copy)
     if array.ndim != ndim:
         raise InvalidInputError(f"{what} must have {ndim} dimension(s), got shape {array.shape}")
-    with np.errstate(over="ignore", invalid="ignore"):
-        finite = bool(np.isfinite(array.sum()))  # one pass, no temporary: a NaN or inf entry makes the sum so
+    if array.size <= _SMALL:  # a small temporary costs less than the errstate the sum needs
+        finite = bool(np.isfinite(array).all())
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            finite = bool(np.isfinite(array.sum()))  # one pass, no temporary: a NaN or inf entry makes the sum so
     if not finite:  # (or finite entries overflowed it: then the scan below finds nothing)
         bad = ~np.isfinite(array)
         if bad.any():
@@ -112,8 +119,9 @@ def as_float_array(value: Any, what: str, ndim: int, copy: bool = True) -> np.nd
 
 
 def as_time(value: Any, what: str) -> float:
-    value = real(value, what, "a number of tau")
-    if not np.isfinite(value):
+    if type(value) is not float:  # a float is already what real() makes of it
+        value = real(value, what, "a number of tau")
+    if not math.isfinite(value):
         raise InvalidInputError(f"{what} must be finite, got {value!r}")
     return value
 
@@ -129,6 +137,9 @@ def choose_scale(natural: float, scale: float | None, what: str) -> float:
 
 def recording(record_cov: Any, record_samples: Any, sample_stride: Any) -> dict[str, int]:
     """RUN's recording fields, checked: record_cov a bool, record_samples >= 0, sample_stride >= 1."""
+    if record_cov is False and record_samples == 0 and sample_stride == 1 and type(record_samples) is int:
+        if type(sample_stride) is int:  # run()'s defaults: nothing recorded
+            return {"record_cov": 0, "record_samples": 0, "sample_stride": 1}
     if not isinstance(record_cov, (bool, np.bool_)):
         raise InvalidInputError(f"record_cov must be True or False, got {record_cov!r}")
     for value, what, low in ((record_samples, "record_samples", 0), (sample_stride, "sample_stride", 1)):

@@ -8,6 +8,7 @@ sent as float64.  Codes travel in the narrowest integer type that holds them
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,7 @@ def code_max(bits: int) -> int:
     return (1 << (bits - 1)) - 1 if bits > 0 else 0
 
 
+@functools.cache  # a few bit widths; np.dtype lookups cost a us per load
 def code_dtype(bits: int) -> np.dtype:
     """The dtype of b-bit codes on the wire: the narrowest signed integer that holds +-code_max
     (int8 up to 8 bits, int16 up to 16, int32 up to 32, else int64); float64 for a continuous part."""
@@ -48,17 +50,21 @@ class Quantised:
 
 def to_codes(values: np.ndarray, bits: int, full_scale: float) -> Quantised:
     """Convert analog values (same unit as full_scale) to converter codes."""
-    fraction = values / full_scale
-    clipped = int(np.count_nonzero(np.abs(fraction) > 1.0))
-    fraction = np.clip(fraction, -1.0, 1.0)
+    unclipped = values / full_scale
+    if unclipped.size and -1.0 <= unclipped.min() and unclipped.max() <= 1.0:
+        clipped, fraction = 0, unclipped  # within full scale (NaN is not): the clip would change nothing
+    else:
+        clipped = int(np.count_nonzero(np.abs(unclipped) > 1.0))
+        fraction = np.clip(unclipped, -1.0, 1.0)
     if bits == 0:
         codes = fraction * full_scale
-        error = np.abs(values / full_scale - fraction)
+        error = np.abs(unclipped - fraction)
         return Quantised(codes, clipped, 0, float(error.max(initial=0.0)))
     top = code_max(bits)
     codes = np.rint(fraction * top).astype(code_dtype(bits))
-    zeroed = int(np.count_nonzero((codes == 0) & (values != 0)))
-    error = np.abs(values / full_scale - codes / top)
+    # no code 0, nothing zeroed (one pass over the codes); else count the non-zero values that became 0
+    zeroed = 0 if np.count_nonzero(codes) == codes.size else int(np.count_nonzero((codes == 0) & (values != 0)))
+    error = np.abs(unclipped - codes / top)
     return Quantised(codes, clipped, zeroed, float(error.max(initial=0.0)))
 
 

@@ -50,6 +50,8 @@ __all__ = ["Device", "DeviceInfo", "RunReport", "LoadReport", "DeviceStatus", "D
 
 SYMMETRY_RTOL = checks.SYMMETRY_RTOL  # re-exported: sampling and primitives import it from here
 
+_ENGINE_NAMES = {int(member): member.name for member in Engine}  # RunReport.engine without an enum lookup
+
 
 class Device(Readout, Settings):
     """An open SPU.  Use :func:`driver.open` to get one; close it (or use ``with``)."""
@@ -83,6 +85,7 @@ class Device(Readout, Settings):
         self._kappa0 = self.info.kappa0  # the injected noise level (set_noise), back to the spec's on reset
         self._damping = self.info.spec.get("oscillator", {}).get("damping")  # set_damping's, back on reset
         self._row_abs: np.ndarray | None = None  # the dense load's coupling sums, for calibrated vectors
+        self._rate_memo: tuple[tuple, float] | None = None  # _slowest_rate's ((lambda_min, scale, damping), rate)
 
     # -- plumbing ----------------------------------------------------------------
     @property
@@ -227,8 +230,11 @@ class Device(Readout, Settings):
             return None
         if self._lambda_min is None:
             self._lambda_min = ranging.smallest_eigenvalue(self._loaded)
-        stiffness = np.array([self._lambda_min / self._matrix_scale])
-        return ranging.slowest_rate(self.info.cell_kind, stiffness, self._dynamics_spec())
+        key = (self._lambda_min, self._matrix_scale, self._damping)  # all the rate depends on: once per load
+        if self._rate_memo is None or self._rate_memo[0] != key:
+            stiffness = np.array([self._lambda_min / self._matrix_scale])
+            self._rate_memo = key, ranging.slowest_rate(self.info.cell_kind, stiffness, self._dynamics_spec())
+        return self._rate_memo[1]
 
     def _dynamics_spec(self) -> dict[str, Any]:
         """The spec with the damping now set (set_damping), for the settling estimates."""
@@ -331,7 +337,7 @@ class Device(Readout, Settings):
             analog_time=float(reply["analog_time"]),
             seconds=float(reply["analog_time"]) * self.info.tau_s,
             samples=int(reply["samples"]),
-            engine=Engine(reply["engine"]).name,
+            engine=_ENGINE_NAMES.get(reply["engine"]) or Engine(reply["engine"]).name,
             saturated=bool(reply["saturated"]),
             adc_clipped=int(reply["adc_clipped"]),
             steps=int(reply["steps"]),

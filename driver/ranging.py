@@ -11,6 +11,7 @@ e^{-r b} of the initial offset (an oscillator array: the slower root of its mode
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any
@@ -95,15 +96,17 @@ def auto_t(rate: float, target: float, burn_fraction: float = 0.5) -> float:
 
 def warn_unsettled(left: float, burn_in: float, rate: float) -> None:
     if math.isfinite(left) and left > SETTLED:
-        warnings.warn(
-            SettlingWarning(
-                f"the last run's burn-in of {burn_in:.3g} tau leaves e^(-r burn_in) = {left:.2g} of the initial"
-                f" offset (the slowest mode relaxes at r = {rate:.3g} per tau): read_mean still holds that much"
-                f" transient; run at least burn_in = {math.log(1.0 / SETTLED) / rate:.3g} tau for 1 %, or use"
-                " driver.linalg.solve(..., t='auto')"
-            ),
-            stacklevel=3,
-        )
+        warnings.warn(SettlingWarning(_unsettled_message(left, burn_in, rate)), stacklevel=3)
+
+
+@functools.lru_cache(maxsize=64)  # a loop of equal runs warns with one message: formatted once
+def _unsettled_message(left: float, burn_in: float, rate: float) -> str:
+    return (
+        f"the last run's burn-in of {burn_in:.3g} tau leaves e^(-r burn_in) = {left:.2g} of the initial"
+        f" offset (the slowest mode relaxes at r = {rate:.3g} per tau): read_mean still holds that much"
+        f" transient; run at least burn_in = {math.log(1.0 / SETTLED) / rate:.3g} tau for 1 %, or use"
+        " driver.linalg.solve(..., t='auto')"
+    )
 
 
 _AUTO_FILL = 0.7  # load_vector(scale="auto") aims the bound of the equilibrium at this fraction of the limit

@@ -108,7 +108,7 @@ class Timeline(list):
     def __init__(self, maxlen: int | None = 1000):
         super().__init__()
         self.calls = 0
-        self.device_time = DeviceTime()
+        self._stages = [0.0, 0.0, 0.0, 0.0]  # device_time's fields, summed as DeviceTime.__add__ would
         self.hardware_s = 0.0
         self.wall_time_s = 0.0
         self._maxlen: int | None = None
@@ -130,13 +130,23 @@ class Timeline(list):
         """Calls recorded in the totals whose records are no longer held."""
         return self.calls - len(self)
 
+    @property
+    def device_time(self) -> DeviceTime:
+        """The summed :class:`DeviceTime` of every call recorded (made when read, not per call)."""
+        return DeviceTime(*self._stages)
+
     def append(self, record: CallRecord) -> None:
         super().append(record)
         self.calls += 1
-        self.device_time = self.device_time + record.device_time
-        self.hardware_s += record.device_time.total_s
+        spent, stages = record.device_time, self._stages
+        stages[0] += spent.link_s
+        stages[1] += spent.program_s
+        stages[2] += spent.analog_s
+        stages[3] += spent.convert_s
+        self.hardware_s += spent.total_s
         self.wall_time_s += record.wall_time_s
-        self._trim()
+        if self._maxlen is not None and len(self) > self._maxlen:
+            self._trim()
 
     def _trim(self) -> None:
         if self._maxlen is not None and len(self) > self._maxlen:
@@ -236,6 +246,16 @@ def load_report(scale: float, q: Quantised, spent: DeviceTime) -> LoadReport:
 def device_time(reply: dict[str, Any]) -> DeviceTime:
     """The ``hardware_time`` map of a reply as a DeviceTime (NaN where the device did not report)."""
     reported = reply.get("hardware_time")
+    if type(reported) is dict and len(reported) == 4:  # as the device reports it: its four floats
+        try:
+            return DeviceTime(
+                float(reported["link_s"]),
+                float(reported["program_s"]),
+                float(reported["analog_s"]),
+                float(reported["convert_s"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            pass  # the general reading below says NaN or raises as before
     if not isinstance(reported, dict):
         reported = {}
     return DeviceTime(

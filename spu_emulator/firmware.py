@@ -42,6 +42,14 @@ _REQUEST_FIELDS: dict[int, frozenset[str]] = {
 
 __all__ = ["Firmware", "ProgrammedMatrix", "ProgrammedGGN", "K_BOLTZMANN"]
 
+# the status word's bits as plain ints: the word is kept as an int (IntFlag arithmetic costs a few us a
+# command, and a loop of small calls pays it several times per round)
+_MATRIX_LOADED = int(StatusBit.MATRIX_LOADED)
+_VECTOR_LOADED = int(StatusBit.VECTOR_LOADED)
+_HAS_RUN = int(StatusBit.HAS_RUN)
+_SATURATED = int(StatusBit.SATURATED)
+_ADC_CLIPPED = int(StatusBit.ADC_CLIPPED)
+
 
 # commands whose handlers make no BLAS or LAPACK call (elementwise numpy and the ADC kernel only), so they
 # skip fixed_threads and its cost (about 15 us when the host runs BLAS on more threads): the small calls of
@@ -65,6 +73,7 @@ class Firmware(ArrayProgramming, Engines, Readout):
         self._ggn_mismatch_cache: tuple[tuple[int, int], Any] | None = None
         # the J and J^T arrays' memory, reprogrammed in place by the next GGN load of the same shape
         self._ggn_arrays: dict[str, np.ndarray] = {}
+        self._times: dict[tuple, dict[str, float]] = {}  # _hardware_time's memo
         self._handlers: dict[int, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
             Opcode.INFO: self._info,
             Opcode.RESET: self._reset,
@@ -132,12 +141,27 @@ class Firmware(ArrayProgramming, Engines, Readout):
         self._linear_for: object | None = None  # the programmed array _linear was made for
         self._limits_for: object | None = None  # the model _limits were computed for
         self._limits: dict[float, tuple | None] = {}  # _reach_limits per z
+        self._lowest_limits: dict[tuple, float] = {}  # the lowest of those limits per (z, checks)
+        self._target_peak: tuple[np.ndarray, float] | None = None  # (V*, max |V*|) of the last drive
         self._vector_codes: np.ndarray | None = None
         self._force: np.ndarray | None = None
         self._acc: np.ndarray | None = None
         self._samples = 0
         self._runs = 0
-        self._flags = StatusBit(0)
+        self._flags = 0  # the status word (StatusBit bits), an int
+        # the run's memo of what depends only on the programmed model and the drive (see _run)
+        self._equilibrium_checked: tuple[object, object] | None = None
+
+    def _hardware_time(self, model: Callable[..., dict[str, float]], *arguments: Any) -> dict[str, float]:
+        """model(spec, *arguments) of ``timing``, memoised per arguments (the spec is fixed): a loop of small
+        calls asks for the same few; a fresh dict each time, since a reply is the caller's to keep."""
+        key = (model, *arguments)
+        times = self._times.get(key)
+        if times is None:
+            if len(self._times) >= 64:  # runs of many lengths
+                self._times.clear()
+            times = self._times[key] = model(self.spec, *arguments)
+        return dict(times)
 
     @property
     def rng(self) -> np.random.Generator:
@@ -184,7 +208,7 @@ class Firmware(ArrayProgramming, Engines, Readout):
         self._matrix = self._program(codes.copy())
         self._oscillator = self._program_oscillator()
         self._linear = None
-        self._flags |= StatusBit.MATRIX_LOADED
+        self._flags |= _MATRIX_LOADED
         if self._vector_codes is not None and self._vector_codes.shape[0] == n:
             self._force = self._drive(self._vector_codes)
         return {"n": n, "drift_norm": self._matrix.drift_norm, "hardware_time": load_matrix_time(self.spec, n)}
@@ -227,7 +251,7 @@ class Firmware(ArrayProgramming, Engines, Readout):
             if why:
                 raise _Refused(Status.BAD_ARGUMENT, why)
         self._matrix = self._program_ggn(j_codes, h_codes, damping_code)
-        self._flags |= StatusBit.MATRIX_LOADED
+        self._flags |= _MATRIX_LOADED
         if self._vector_codes is not None and self._vector_codes.shape[0] == n:
             self._force = self._drive(self._vector_codes)
         return {"n": n, "m": m, "hardware_time": load_ggn_time(self.spec, m, n)}
@@ -242,9 +266,9 @@ class Firmware(ArrayProgramming, Engines, Readout):
         if why:
             raise _Refused(Status.BAD_ARGUMENT, why)
         self._vector_codes = codes.copy()
-        self._flags |= StatusBit.VECTOR_LOADED
+        self._flags |= _VECTOR_LOADED
         self._force = self._drive(codes) if self._matrix is not None and self._matrix.n == n else None
-        return {"n": n, "hardware_time": load_vector_time(self.spec, n)}
+        return {"n": n, "hardware_time": self._hardware_time(load_vector_time, n)}
 
     def _run(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         t = _number(payload, "t")
@@ -294,7 +318,7 @@ class Firmware(ArrayProgramming, Engines, Readout):
             report, state, acc, samples = self._run_transient(t, burn_in, on_saturation, record)
         else:
             report, state, acc, samples = self._run_exact(t, burn_in, record)
-        if not (np.all(np.isfinite(state)) and np.all(np.isfinite(acc))):
+        if not (np.isfinite(state).all() and np.isfinite(acc).all()):
             # never keep a state no later read could use; the run is discarded, the state as before it
             raise _Refused(
                 Status.INTERNAL,
@@ -308,12 +332,12 @@ class Firmware(ArrayProgramming, Engines, Readout):
         self._lagged = (record.lags, record.lagged) if record.lagged_on else None
         self._samples = samples
         self._runs += 1
-        self._flags |= StatusBit.HAS_RUN
-        self._flags &= ~(StatusBit.SATURATED | StatusBit.ADC_CLIPPED)
+        flags = (self._flags | _HAS_RUN) & ~(_SATURATED | _ADC_CLIPPED)
         if report["saturated"]:
-            self._flags |= StatusBit.SATURATED
+            flags |= _SATURATED
         if report["adc_clipped"]:
-            self._flags |= StatusBit.ADC_CLIPPED
+            flags |= _ADC_CLIPPED
+        self._flags = flags
         return report
 
     def _abort(self, _: Mapping[str, Any]) -> dict[str, Any]:

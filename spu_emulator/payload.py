@@ -40,7 +40,13 @@ def _number(payload: Mapping[str, Any], key: str, default: float | None = None) 
 
 
 def _choice(payload: Mapping[str, Any], key: str, enum: type, default: int) -> int:
+    """The field as a member's value (an int, which compares equal to the member), or refused."""
     value = payload.get(key, default)
+    members = _VALUES.get(enum)
+    if members is None:
+        members = _VALUES[enum] = frozenset(int(m) for m in enum)
+    if type(value) is int and value in members:  # the common case, without constructing the member
+        return value
     try:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise ValueError(value)  # 1.0 and True would pass as members of an IntEnum
@@ -48,6 +54,9 @@ def _choice(payload: Mapping[str, Any], key: str, enum: type, default: int) -> i
     except ValueError:
         allowed = ", ".join(f"{m.value} ({m.name})" for m in enum)
         raise _Refused(Status.BAD_ARGUMENT, f"payload field {key!r} = {value!r} is not one of {allowed}") from None
+
+
+_VALUES: dict[type, frozenset[int]] = {}  # the member values of each enum _choice has read
 
 
 def _integer(payload: Mapping[str, Any], key: str, default: int) -> int:

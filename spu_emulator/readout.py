@@ -13,13 +13,15 @@ from .payload import _integer, _Refused
 from .protocol import Status, StatusBit
 from .timing import _sum_bits, _times, read_cov_time, read_mean_time, read_samples_time, read_state_time
 
+_HAS_RUN = int(StatusBit.HAS_RUN)  # the firmware keeps its status word as an int
+
 
 class Readout:
     """The read commands of :class:`~spu_emulator.firmware.Firmware` (a mixin); they change nothing but
     the noise stream (READ_STATE draws ADC noise)."""
 
     def _read_mean(self, _: Mapping[str, Any]) -> dict[str, Any]:
-        if not self._flags & StatusBit.HAS_RUN:
+        if not self._flags & _HAS_RUN:
             raise _Refused(Status.BAD_STATE, "no run since power-on or reset; RUN before READ_MEAN")
         if self._samples == 0:
             raise _Refused(
@@ -30,11 +32,11 @@ class Readout:
         return {
             "mean_codes": self._acc / self._samples,
             "samples": self._samples,
-            "hardware_time": read_mean_time(self.spec, self._acc.shape[0], self._samples),
+            "hardware_time": self._hardware_time(read_mean_time, self._acc.shape[0], self._samples),
         }
 
     def _read_state(self, _: Mapping[str, Any]) -> dict[str, Any]:
-        if not self._flags & StatusBit.HAS_RUN:
+        if not self._flags & _HAS_RUN:
             raise _Refused(Status.BAD_STATE, "no run since power-on or reset; RUN before READ_STATE")
         n = self._matrix.n
         adc = self.spec.adc
@@ -52,7 +54,7 @@ class Readout:
         return {"codes": out, "clipped": int(clipped), "hardware_time": read_state_time(self.spec, n)}
 
     def _read_cov(self, _: Mapping[str, Any]) -> dict[str, Any]:
-        if not self._flags & StatusBit.HAS_RUN:
+        if not self._flags & _HAS_RUN:
             raise _Refused(Status.BAD_STATE, "no run since power-on or reset; RUN with record_cov = 1 before READ_COV")
         if self._cov_acc is None:
             raise _Refused(
@@ -81,7 +83,7 @@ class Readout:
         start = _integer(payload, "start", 0)
         if start < 0:
             raise _Refused(Status.BAD_ARGUMENT, f"start = {start} must be a snapshot index >= 0")
-        if not self._flags & StatusBit.HAS_RUN:
+        if not self._flags & _HAS_RUN:
             raise _Refused(
                 Status.BAD_STATE, "no run since power-on or reset; RUN with record_samples = k before READ_SAMPLES"
             )
@@ -105,7 +107,7 @@ class Readout:
         }
 
     def _read_lagged(self, _: Mapping[str, Any]) -> dict[str, Any]:
-        if not self._flags & StatusBit.HAS_RUN:
+        if not self._flags & _HAS_RUN:
             raise _Refused(Status.BAD_STATE, "no run since power-on or reset; RUN with record_lags before READ_LAGGED")
         if self._lagged is None:
             raise _Refused(

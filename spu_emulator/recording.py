@@ -47,8 +47,14 @@ class _Record:
         return self.lags.shape[0] > 0
 
     @classmethod
-    def off(cls, n: int) -> _Record:
-        return cls(np.zeros((0, 0)), np.zeros((0, n)), 1)
+    def off(cls, n: int, stride: int = 1) -> _Record:
+        """A record of nothing for n cells; one per (n, stride), shared, since its buffers are empty."""
+        record = _OFF.get((n, stride))
+        if record is None:
+            if len(_OFF) >= 64:
+                _OFF.clear()
+            record = _OFF[n, stride] = cls(np.zeros((0, 0)), np.zeros((0, n)), stride)
+        return record
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any], n: int, engine: int) -> _Record:
@@ -72,6 +78,8 @@ class _Record:
                 " second moments or snapshots; use engine transient (or auto, which steps a recording run)",
             )
         lags = _lags(payload, n, k)
+        if not (cov or k or lags.shape[0]):
+            return cls.off(n, stride)
         return cls(
             np.zeros((n, n) if cov else (0, 0)),
             np.zeros((k, n)),
@@ -99,6 +107,9 @@ class _Record:
                 f" burn_in, but the window holds {max(conversions, 0)} ({period:g} tau apart); lengthen t by"
                 f" {(need - max(conversions, 0)) * period:g} tau",
             )
+
+
+_OFF: dict[tuple[int, int], _Record] = {}  # _Record.off's
 
 
 def _lags(payload: Mapping[str, Any], n: int, snapshots: int) -> np.ndarray:
