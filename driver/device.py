@@ -215,11 +215,17 @@ class Device(Readout, Settings):
         b = self._checked_vector(b)
         if isinstance(scale, str) and scale == "auto":
             scale = self._auto_input_scale(b)
-        scale = checks.choose_scale(float(np.abs(b).max()) / self.info.dac_range_v, scale, "vector b")
-        with np.errstate(over="ignore"):  # a tiny scale sends b beyond the DAC: clipped and counted below
+        peak = float(np.abs(b).max())
+        scale = checks.choose_scale(peak / self.info.dac_range_v, scale, "vector b")
+        if peak <= 1e200 * scale:  # b / scale and its codes stay far inside the float range
             q = to_codes(
                 calibration.input_volts(self, b / scale, self._row_abs), self.info.dac_bits, self.info.dac_range_v
             )
+        else:
+            with np.errstate(over="ignore"):  # a tiny scale sends b beyond the DAC: clipped and counted below
+                q = to_codes(
+                    calibration.input_volts(self, b / scale, self._row_abs), self.info.dac_bits, self.info.dac_range_v
+                )
         reply = self._call(Opcode.LOAD_VECTOR, {"codes": q.codes})
         self._vector_scale = scale
         return load_report(scale, q, self._record("load_vector", reply, started))

@@ -288,10 +288,7 @@ class Engines(SafetyAnalysis):
         n = self._matrix.n
         adc = self.spec.adc
         target = model.fixed_point(self._phase_force())
-        checked = self._equilibrium_checked  # depends on the model and V* only: once per (model, drive)
-        if checked is None or checked[0] is not model or checked[1] is not target:
-            self._refuse_clipped_equilibrium(model, target[:n])
-            self._equilibrium_checked = (model, target)
+        self._refuse_clipped_equilibrium(model, target, n)
         if record is not None and record.lagged_on:
             why = self._lagged_closed_form_why(t, burn_in, record)
             if why:

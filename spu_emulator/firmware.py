@@ -149,8 +149,8 @@ class Firmware(ArrayProgramming, Engines, Readout):
         self._samples = 0
         self._runs = 0
         self._flags = 0  # the status word (StatusBit bits), an int
-        # the run's memo of what depends only on the programmed model and the drive (see _run)
-        self._equilibrium_checked: tuple[object, object] | None = None
+        # (model, max 3 sd, max |ADC gain|, max |ADC offset|): _refuse_clipped_equilibrium's scalars
+        self._equilibrium_memo: tuple | None = None
 
     def _hardware_time(self, model: Callable[..., dict[str, float]], *arguments: Any) -> dict[str, float]:
         """model(spec, *arguments) of ``timing``, memoised per arguments (the spec is fixed): a loop of small

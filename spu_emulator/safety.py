@@ -75,15 +75,20 @@ class SafetyAnalysis:
         make; when it fails the full test decides."""
         if not checks:
             return True
-        peak = self._target_peak
-        if peak is None or peak[0] is not target:  # max |V*|, once per drive (the model memoises V* per force)
-            peak = self._target_peak = (target, float(np.abs(target).max()))
         key = (z, len(checks))  # the ADC's check is there when the window has conversions
         lowest = self._lowest_limits.get(key)
         if lowest is None:
             lowest = self._lowest_limits[key] = min(float(limit.min()) for _, limit in checks)
         d = state - target
-        return peak[1] + math.sqrt(float(d.dot(d))) < lowest
+        return self._peak(target, state.shape[0]) + math.sqrt(float(d.dot(d))) < lowest
+
+    def _peak(self, target: np.ndarray, n: int) -> float:
+        """max |V*_i| over the node voltages (the first n entries), once per V* array (the model memoises V*
+        per drive, so the engine choice and the run share it)."""
+        memo = self._target_peak
+        if memo is None or memo[0] is not target:
+            memo = self._target_peak = (target, float(np.abs(target[:n]).max()))
+        return memo[1]
 
     def _reach_limits(
         self, model: LinearModel | LowRankModel, z: float
@@ -115,10 +120,24 @@ class SafetyAnalysis:
         self._limits[z] = rail_limit, adc_limit
         return self._limits[z]
 
-    def _refuse_clipped_equilibrium(self, model: LinearModel, target: np.ndarray) -> None:
+    def _refuse_clipped_equilibrium(self, model: LinearModel, target: np.ndarray, n: int) -> None:
         """The exact engine has no rails and no ADC full scale: refuse when the equilibrium itself
-        (V* plus 3 stationary standard deviations) lies beyond either, since its answer would be impossible."""
-        n = target.shape[0]
+        (V* plus 3 stationary standard deviations) lies beyond either, since its answer would be impossible.
+        ``target``: V* (its first n entries are the node voltages).
+
+        Tested first with scalars, max |V*| + max 3 sd against the rails and max |g| (that) + max |o| against
+        the ADC range (the maxima of the spreads and converters once per model): each cell's level below is
+        at most that, rounding being monotone, so when the scalars pass no cell can fail; else cell by cell."""
+        memo = self._equilibrium_memo
+        if memo is None or memo[0] is not model:
+            spread = 3.0 * np.sqrt(model.stationary_var_upper()[:n])
+            gain, offset = np.abs(self.parts.adc_gain[:n]), np.abs(self.parts.adc_offset_v[:n])
+            memo = self._equilibrium_memo = (model, float(spread.max()), float(gain.max()), float(offset.max()))
+        top = self._peak(target, n) + memo[1]
+        rails, adc = self.spec.rails, self.spec.adc
+        if (not rails.enabled or top < rails.v_rail) and (adc.bits <= 0 or memo[2] * top + memo[3] < adc.range_v):
+            return
+        target = target[:n]
         reach = np.abs(target) + 3.0 * np.sqrt(model.stationary_var_upper()[:n])
         limits = []
         if self.spec.rails.enabled:
