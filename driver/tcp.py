@@ -184,7 +184,6 @@ class TcpTransport:
             frame = wire.encode_frame(wire.REQUEST, opcode, 0, request_id, payload)
         except wire.EncodeError as exc:
             raise InvalidInputError(f"request {_name(opcode)} cannot be sent: {exc}") from None
-        what = f"{_name(opcode)} to {self.url}"
         try:
             try:
                 wire.send_frame(self._sock, frame, self.timeout)
@@ -198,18 +197,21 @@ class TcpTransport:
                 raise
             reply = wire.open_frame(header, body, wire.REPLY)
         except (TimeoutError, wire.LinkTimeout):
+            what = self._what(opcode)  # made only on the way out: a us per exchange otherwise
             self._drop()
             raise LinkTimeoutError(
                 f"no reply to {what} within {self.timeout:g} s; the connection was dropped (the device may still be"
                 " working on it); pass a larger timeout= to driver.open for long runs; the next call reconnects"
             ) from None
         except wire.LinkClosed as exc:
+            what = self._what(opcode)
             self._drop()
             raise LinkError(
                 f"the device closed the connection during {what} ({exc}); the command may or may not have run;"
                 " the next call reconnects"
             ) from None
         except wire.FrameError as exc:
+            what = self._what(opcode)
             self._drop()
             raise ProtocolError(f"unreadable reply to {what}: {exc}; the connection was dropped") from None
         except OSError as exc:
@@ -220,6 +222,7 @@ class TcpTransport:
         status = header.status
         unreadable = status == Status.BAD_FRAME and header.request_id == 0  # the device could not read our header
         if not unreadable and (header.opcode != opcode or header.request_id != request_id):
+            what = self._what(opcode)
             self._drop()
             raise ProtocolError(
                 f"reply to {what} (request {request_id}) is for opcode {header.opcode}, request {header.request_id};"
@@ -240,6 +243,9 @@ class TcpTransport:
         if status == Status.OK and opcode == Opcode.INFO:
             self._check_identity(reply)
         return status, reply
+
+    def _what(self, opcode: int) -> str:
+        return f"{_name(opcode)} to {self.url}"
 
     def _stop_in_flight(self, opcode: int, request_id: int) -> None:
         """After Ctrl-C while waiting for a reply: for a RUN, send ABORT on this connection (the device stops

@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import operator
 import secrets
 import socket
 import struct
@@ -317,17 +318,158 @@ def _array_parts(value: np.ndarray, at: int, name: str) -> tuple[bytes, memoryvi
 
 def decode_payload(buffer: bytes | bytearray | memoryview) -> dict[str, Any]:
     """Parse a payload.  Arrays are views of ``buffer`` (copy them to keep them beyond
-    it); the payload must be exactly consumed.  Raises FrameError(BAD_PAYLOAD)."""
+    it); the payload must be exactly consumed.  Raises FrameError(BAD_PAYLOAD).
+
+    A payload laid out as one decoded before (the same names, types and array shapes, so the same
+    length: a loop's requests and replies) is read with one struct unpack (:class:`_Layout`)."""
     view = memoryview(buffer).cast("B")
-    if len(view) == 0:
+    size = len(view)
+    if size == 0:
         return {}
+    for layout in _LAYOUTS.get(size, ()):
+        value = layout.read(view)
+        if value is not None:
+            return value
     try:
         value, end = _decode_map(view, 0, 0)
     except (struct.error, IndexError, ValueError) as exc:  # the checks above should leave none of these
         raise _bad(f"payload does not parse: {exc}") from None
-    if end != len(view):
-        raise _bad(f"payload has {len(view) - end} bytes after its last field (payload_length {len(view)})")
+    if end != size:
+        raise _bad(f"payload has {size - end} bytes after its last field (payload_length {size})")
+    if size <= _LAYOUT_MAX_BYTES and len(_LAYOUTS.get(size, ())) < _LAYOUTS_PER_SIZE and _layout_count() < _MAX_LAYOUTS:
+        layout = _Layout.learn(view)
+        if layout is not None:
+            _LAYOUTS.setdefault(size, []).append(layout)
     return value
+
+
+# decode_payload's layouts, by payload length: at most _MAX_LAYOUTS in all (then no more are learnt), of
+# payloads up to _LAYOUT_MAX_BYTES (past that the arrays' bytes, not the fields, are the cost)
+_LAYOUTS: dict[int, list[_Layout]] = {}
+_MAX_LAYOUTS = 256
+_LAYOUTS_PER_SIZE = 4
+_LAYOUT_MAX_BYTES = 1 << 16
+
+
+def _layout_count() -> int:
+    return sum(len(layouts) for layouts in _LAYOUTS.values())
+
+
+class _Layout:
+    """Where every field of one valid payload lies, as one ``struct`` format over all its bytes.
+
+    Learnt (:meth:`learn`) from a payload the field-by-field decoder accepted; a payload of the same
+    length is read (:meth:`read`) with one unpack when its constant parts (field counts, names, type
+    tags, array dtype codes, dims and padding) equal the learnt ones.  Then it passes every check of
+    ``_decode_map`` that the learnt one passed (the values of those checks are the same bytes), bools
+    are checked for 0 or 1 as there, and it decodes to what ``_decode_map`` would give: ints, floats
+    and bools from the same bytes, arrays as views of the same buffer.  Payloads with strings are not
+    learnt (their lengths vary).
+    """
+
+    __slots__ = ("_struct", "_constants", "_expected", "_bools", "_fields")
+
+    def __init__(self, formats: list[str], items: list[Any], bools: list[int], fields: list[tuple]):
+        self._struct = struct.Struct("<" + "".join(formats))
+        constant = [i for i, item in enumerate(items) if item is not _VALUE]
+        self._constants = operator.itemgetter(*constant)
+        self._expected = tuple(items[i] for i in constant)
+        self._bools = tuple(bools)
+        self._fields = fields
+
+    @classmethod
+    def learn(cls, view: memoryview) -> _Layout | None:
+        formats: list[str] = []
+        items: list[Any] = []  # per struct item: its expected value, or _VALUE for a field's value
+        bools: list[int] = []
+        try:
+            fields, end = _learn_map(view, 0, formats, items, bools)
+        except _NotLearnt:
+            return None
+        layout = cls(formats, items, bools, fields)
+        return layout if end == len(view) == layout._struct.size and len(layout._expected) > 1 else None
+
+    def read(self, view: memoryview) -> dict[str, Any] | None:
+        """The payload decoded, or None when it is not laid out as the learnt one."""
+        values = self._struct.unpack_from(view)
+        if self._constants(values) != self._expected:
+            return None
+        for index in self._bools:
+            if values[index] > 1:
+                return None  # the field-by-field decoder refuses it, with its message
+        return _build(self._fields, values, view)
+
+
+_VALUE = object()  # _Layout: a struct item that holds a value, not a constant
+
+
+class _NotLearnt(Exception):
+    pass
+
+
+def _learn_map(view: memoryview, at: int, formats: list, items: list, bools: list) -> tuple[list[tuple], int]:
+    """The fields of the (valid) mapping at ``at``: (kind, name, ...) for :func:`_build`; appends the
+    struct formats and items of its bytes."""
+    (count,) = _U16.unpack_from(view, at)
+    formats.append("H")
+    items.append(count)
+    at += 2
+    fields: list[tuple] = []
+    for _ in range(count):
+        size = view[at]
+        raw = bytes(view[at + 1 : at + 1 + size])
+        tag = view[at + 1 + size]
+        formats.append(f"B{size}sB")
+        items.extend((size, raw, tag))
+        name = raw.decode("ascii")
+        at += 2 + size
+        if tag in (_FLOAT, _INT, _BOOL):
+            formats.append("d" if tag == _FLOAT else "q" if tag == _INT else "B")
+            if tag == _BOOL:
+                bools.append(len(items))
+            fields.append((tag, name, len(items)))
+            items.append(_VALUE)
+            at += 1 if tag == _BOOL else 8
+        elif tag == _ARRAY:
+            code, ndim = _ARRAY_HEAD.unpack_from(view, at)
+            shape = struct.unpack_from(f"<{ndim}I", view, at + 2)
+            at += 2 + 4 * ndim
+            pad = -at % 8
+            formats.append(f"BB{ndim}I{pad}s")
+            items.extend((code, ndim, *shape, bytes(pad)))
+            dtype = _DTYPE_OF_CODE[code]
+            count_ = math.prod(shape)
+            at += pad
+            fields.append((_ARRAY, name, dtype, shape, at, count_))
+            formats.append(f"{count_ * dtype.itemsize}x")
+            at += count_ * dtype.itemsize
+        elif tag == _MAP:
+            sub, at = _learn_map(view, at, formats, items, bools)
+            fields.append((_MAP, name, sub))
+        else:
+            raise _NotLearnt
+    return fields, at
+
+
+def _build(fields: list[tuple], values: tuple, view: memoryview) -> dict[str, Any]:
+    """The mapping of a payload read by a _Layout, as ``_decode_map`` builds it."""
+    out: dict[str, Any] = {}
+    for field in fields:
+        tag, name = field[0], field[1]
+        if tag == _FLOAT or tag == _INT:
+            out[name] = values[field[2]]
+        elif tag == _BOOL:
+            out[name] = bool(values[field[2]])
+        elif tag == _MAP:
+            out[name] = _build(field[2], values, view)
+        else:
+            dtype, shape, at, count = field[2], field[3], field[4], field[5]
+            if count == 0:
+                out[name] = np.empty(shape, dtype=dtype.newbyteorder("="))
+            else:
+                array = np.frombuffer(view, dtype=dtype, count=count, offset=at).reshape(shape)
+                out[name] = array if dtype.isnative else array.astype(dtype.newbyteorder("="))
+    return out
 
 
 def _bad(message: str) -> FrameError:
