@@ -19,12 +19,12 @@ model falls back to the modal form, made once on demand (:meth:`KrylovModel.moda
 The normals are drawn in the cells' basis, not the modes': f(M) z with z ~ N(0, I) has the law of
 W f(L) z' (W orthogonal), so the run's law is the modal form's, its bits are not.
 
-The engine choice's questions (see ``spu_emulator.safety``) get bounds: the stationary variance exactly,
-diag(Sigma) = s^2 / 2 diag(M^-1) from the Cholesky factor's inverse (n^3 / 3, asked only with rails or
-a quantised ADC); the fresh variance per sample from below by Jensen's inequality on the diagonal
-(as ``lowrank.LowRankModel``); the largest rate from above by Gershgorin; the mean path in l2 by
-||e^{-M s}|| <= 1, then cell by cell along the path in the Lanczos basis of d = V(0) - V*
-(:meth:`KrylovModel.reach`).
+The engine choice's questions (see ``spu_emulator.safety``) get bounds: lambda_min(M) from below by a
+few Lanczos steps on M^-1 (Cholesky solves) with a probabilistic guarantee (:func:`_rate_floor`), so the
+stationary variance from above by s^2 / (2 lambda_min); the fresh variance per sample from below by
+Jensen's inequality on the diagonal (as ``lowrank.LowRankModel``); the largest rate from above by
+Gershgorin; the mean path in l2 by ||e^{-M s}|| <= e^{-lambda_min s}, then cell by cell along the path in
+the Lanczos basis of d = V(0) - V* (:meth:`KrylovModel.reach`).
 """
 
 from __future__ import annotations
@@ -51,19 +51,20 @@ __all__ = ["KrylovModel", "prepare_dense"]
 
 MIN_CELLS = 512  # below this eigh costs little, and the modal form (bit-identical to before) is kept
 _MAX_STEPS = 240  # Lanczos steps before the modal form is cheaper (eigh ~ 250 n x 5 products at n = 1024)
-_CHECK_EVERY = 6
-_TOLERANCE = 1e-13
-_REACH_MARGIN = 10.0
+_CHECK_EVERY = 6  # Lanczos steps between convergence checks
+_TOLERANCE = 1e-13  # relative change between checks at which a Lanczos result counts as converged
+_REACH_MARGIN = 10.0  # the reach bound adds this many times the Lanczos error estimate of the path
+_FLOOR_SLACK = 0.75  # epsilon of _rate_floor: lambda_min is bounded by (1 - epsilon) / theta
+_FLOOR_FAILURE = 1e-12  # the probability, over the start vector, that _rate_floor's bound fails
 _potrf = scipy.linalg.lapack.dpotrf
-_trtri = scipy.linalg.lapack.dtrtri  # the reach bound adds this many times the Lanczos error estimate of the path
+_potrs = scipy.linalg.lapack.dpotrs
 
 
 @dataclass(frozen=True)
 class KrylovModel:
     """The exact engine's view of a symmetric positive definite array with equal noise in every cell.
 
-    factor: (L, True), L the lower Cholesky factor of M with a zero upper triangle (``scipy.linalg.cho_solve``'s
-    form); noise_level: s
+    factor: (L, True), L the lower Cholesky factor of M (``scipy.linalg.cho_solve``'s form); noise_level: s
     (V / sqrt(tau)); rate_max: an upper bound of M's largest eigenvalue (Gershgorin, 1 / tau).
     """
 
@@ -75,8 +76,12 @@ class KrylovModel:
     form: str = "krylov"
     stable: bool = True
     contractive: bool = True
-    contraction_rate: float = 0.0  # ||e^{-M s}||_2 <= 1 = e^{-0 s}: M is positive definite
     _memo: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def contraction_rate(self) -> float:
+        """A lower bound of lambda_min(M) (see :func:`_rate_floor`), so ||e^{-M s}||_2 <= e^{-rate s}.  Memoised."""
+        return _memoised(self._memo, ("rate_floor",), lambda: _rate_floor(self.factor))
 
     def modal(self) -> LinearModel:
         """The modal form of the same array (one eigh, O(n^3), made once on first use)."""
@@ -87,15 +92,12 @@ class KrylovModel:
         return _per_force(self._memo, force, lambda f: scipy.linalg.cho_solve(self.factor, f, check_finite=False))
 
     def stationary_var_upper(self) -> np.ndarray:
-        """diag(Sigma) = s^2 / 2 diag(M^-1) exactly (the rows of L^-1 squared), volts^2.  O(n^3 / 3), once."""
-        return _memoised(self._memo, ("stationary_var",), self._stationary_var)
+        """Per cell, an upper bound of the stationary variance: s^2 / (2 lambda) for lambda the lower bound of
+        lambda_min(M) in :attr:`contraction_rate`, volts^2.  O(n^2 k) once (k ~ 20 Cholesky solves).
 
-    def _stationary_var(self) -> np.ndarray:
-        lower, _ = self.factor
-        inverse, info = _trtri(lower, lower=1)
-        if info != 0:
-            raise ValueError(f"dtrtri failed with info {info}")
-        return 0.5 * self.noise_level**2 * np.einsum("ij,ij->j", inverse, inverse)
+        (diag(Sigma) = s^2 / 2 diag(M^-1) itself would cost a triangular inverse, as much again as the
+        Cholesky factor, for a margin that matters only when the noise reaches the rails.)"""
+        return np.full(self.drift.shape[0], 0.5 * self.noise_level**2 / self.contraction_rate)
 
     def fresh_var_lower(self, period: float) -> np.ndarray:
         """Per cell, a lower bound of the fresh variance per sample, volts^2.  O(n).
@@ -111,15 +113,15 @@ class KrylovModel:
         """Per cell, a bound on |V_i(s)| for start <= s <= stop along the mean path V* + e^{-M s} d,
         d = state - target.
 
-        |V*_i| + ||d||: O(n).  ``tight``: the smaller of that and the path followed cell by cell in the
-        Lanczos basis of d: with T_k = S diag(theta) S^T, V(s) ~= V* + (Q_k S) e^{-theta s} (S^T |d| e_1),
-        bounded over each stretch of a time grid as in ``exact._modal_path_bound`` (rigorous for that
-        path), plus _REACH_MARGIN times the Lanczos error estimate of the path.  O(n^2 k).  The modal
-        form's bound when Lanczos does not converge.
+        |V*_i| + e^{-mu start} ||d||, mu = :attr:`contraction_rate`: O(n).  ``tight``: the smaller of that and
+        the path followed cell by cell in the Lanczos basis of d: with T_k = S diag(theta) S^T,
+        V(s) ~= V* + (Q_k S) e^{-theta s} (S^T |d| e_1), bounded over each stretch of a time grid as in
+        ``exact._modal_path_bound`` (rigorous for that path), plus _REACH_MARGIN times the Lanczos error
+        estimate of the path.  O(n^2 k).  The modal form's bound when Lanczos does not converge.
         """
         d = state - target
         norm = float(np.linalg.norm(d))
-        bound = np.abs(target) + norm
+        bound = np.abs(target) + math.exp(-self.contraction_rate * start) * norm
         if not tight or norm == 0.0:
             return bound
         span = stop - start
@@ -151,6 +153,9 @@ class KrylovModel:
         """
         s2 = self.noise_level**2
         n = d0.shape[0]
+        # after a long head hop d0 leaves less than 1e-17 of itself in the run: its column is left out
+        if head * self.contraction_rate > math.log(max(count, 1)) + 40.0:
+            d0 = np.zeros_like(d0)
         starts = [d0]
         if s2 > 0.0:
             starts += [rng.standard_normal(n), rng.standard_normal(n)]
@@ -207,7 +212,8 @@ def prepare_dense(drift: np.ndarray, noise_sd: np.ndarray) -> KrylovModel | Line
     n = drift.shape[0]
     if n < MIN_CELLS or not np.all(noise_sd == noise_sd[0]) or not np.array_equal(drift, drift.T):
         return prepare(drift, noise_sd)
-    lower, info = _potrf(drift, lower=1, clean=1)  # clean: the upper triangle zeroed, for dtrtri's inverse
+    # drift.T: the same symmetric matrix in Fortran order, which LAPACK copies without a transpose (half the time)
+    lower, info = _potrf(drift.T, lower=1)
     if info != 0:  # not positive definite: the modal form says how unstable
         return prepare(drift, noise_sd)
     factor = (lower, True)
@@ -218,6 +224,53 @@ def prepare_dense(drift: np.ndarray, noise_sd: np.ndarray) -> KrylovModel | Line
         noise_level=float(noise_sd[0]),
         rate_max=float(np.abs(drift).sum(axis=1).max()),  # Gershgorin
     )
+
+
+def _rate_floor(factor: tuple) -> float:
+    """A lower bound of lambda_min(M), M = L L^T (factor = (L, True)), 1 / tau: (1 - eps) / theta, theta the
+    largest Ritz value of M^-1 after k Lanczos steps (Cholesky solves, full reorthogonalisation) from a start
+    drawn from a fixed seed.
+
+    For a start uniform on the sphere, P(theta < (1 - eps) lambda_max(M^-1)) <= 1.648 sqrt(n)
+    e^{-sqrt(eps) (2k - 1)} (Kuczynski and Wozniakowski, SIAM J. Matrix Anal. Appl. 13, 1992, Thm 4.2);
+    k is the least that makes this at most _FLOOR_FAILURE (20 at n = 4096), the margin of the engine
+    choice's own union bound (1e-9).  Cost O(n^2 k).
+    """
+    lower, _ = factor
+    n = lower.shape[0]
+    steps = math.ceil((math.log(1.648 * math.sqrt(n) / _FLOOR_FAILURE) / math.sqrt(_FLOOR_SLACK) + 1.0) / 2.0)
+    steps = min(steps, n)
+    start = np.random.default_rng(0x5EED).standard_normal(n)
+    basis = np.zeros((steps + 1, n))
+    basis[0] = start / np.linalg.norm(start)
+    alpha, beta = np.zeros(steps), np.zeros(steps)
+    k = steps
+    for j in range(steps):
+        w, info = _potrs(lower, basis[j], lower=1)
+        if info != 0:
+            raise ValueError(f"dpotrs failed with info {info}")
+        alpha[j] = basis[j] @ w
+        for _ in range(2):
+            w -= basis[: j + 1].T @ (basis[: j + 1] @ w)
+        beta[j] = np.linalg.norm(w)
+        if beta[j] <= 1e-14 * abs(alpha[j]):  # an invariant subspace: its Ritz values are eigenvalues
+            k = j + 1
+            break
+        basis[j + 1] = w / beta[j]
+    theta = scipy.linalg.eigvalsh_tridiagonal(alpha[:k], beta[: k - 1])[-1]
+    return (1.0 - _FLOOR_SLACK) / float(theta)
+
+
+def _products(drift: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """q M for q (p, n) and M symmetric (= (M q^T)^T).  A matrix-vector product per row while M fits in cache
+    (OpenBLAS's gemm with 2-5 columns is slower there), one product of all rows beyond (M read once, not p
+    times: twice as fast at n = 4096).  Cost O(n^2 p)."""
+    if drift.shape[0] >= 2048:
+        return q @ drift
+    w = np.empty_like(q)
+    for i in range(q.shape[0]):
+        np.dot(drift, q[i], out=w[i])
+    return w
 
 
 def _combine(run, starts, per_column) -> np.ndarray:
@@ -267,9 +320,7 @@ def _lanczos(drift: np.ndarray, starts: np.ndarray, functions, floor: float = 0.
             return results
         rows = slice(None) if len(active) == p else np.array(active)  # a view while every column runs
         q = basis[rows, j]
-        w = np.empty_like(q)
-        for i in range(q.shape[0]):  # one matrix-vector product each: OpenBLAS's gemm is slower at 2-5 columns
-            np.dot(drift, q[i], out=w[i])
+        w = _products(drift, q)
         alpha[rows, j] = np.einsum("pn,pn->p", w, q)
         span = basis[rows, : j + 1]  # (a, j+1, n)
         before = np.linalg.norm(w, axis=1)
