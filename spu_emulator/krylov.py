@@ -159,6 +159,8 @@ class KrylovModel:
         starts = [d0]
         if s2 > 0.0:
             starts += [rng.standard_normal(n), rng.standard_normal(n)]
+            if not count:  # no window: u1's coefficients (R11, R21) are zero, its column is left out
+                starts[1] = np.zeros(n)
         columns = [
             partial(_run_functions, column=c, s2=s2, head=head, count=count, period=period, tail=tail)
             for c in range(len(starts))
