@@ -29,7 +29,7 @@ from .errors import (
     SpuError,
 )
 from .ggn import GGN, natural_scale, program
-from .protocol import Engine, OnSaturation, Opcode, Status, StatusBit
+from .protocol import Engine, OnSaturation, Opcode, Status
 from .readout import Readout
 from .reports import (
     CallRecord,
@@ -40,6 +40,7 @@ from .reports import (
     RunReport,
     Timeline,
     device_info,
+    device_status,
     device_time,
     load_report,
 )
@@ -85,7 +86,7 @@ class Device(Readout, Settings):
         self._kappa0 = self.info.kappa0  # the injected noise level (set_noise), back to the spec's on reset
         self._damping = self.info.spec.get("oscillator", {}).get("damping")  # set_damping's, back on reset
         self._row_abs: np.ndarray | None = None  # the dense load's coupling sums, for calibrated vectors
-        self._rate_memo: tuple[tuple, float] | None = None  # _slowest_rate's ((lambda_min, scale, damping), rate)
+        self._rate_memo: tuple[tuple, float] | None = None  # ranging.loaded_rate's ((lambda_min, scale, damping), rate)
 
     # -- plumbing ----------------------------------------------------------------
     @property
@@ -154,15 +155,7 @@ class Device(Readout, Settings):
         return load_report(scale, q, self._record("load_matrix", reply, started))
 
     def _load_ggn(self, ggn: GGN, scale: float | None, started: float) -> LoadReport:
-        m, n = ggn.m, ggn.n
-        self._check_fits(n, "GGN J (N parameters)")
-        if m > self.info.max_ggn_rows:
-            rows = self.info.max_ggn_rows
-            has = f"only {rows} rows" if rows else "no structured arrays"
-            raise InvalidInputError(
-                f"GGN J has m = {m} rows (outputs of the batch), but {self.info.name} has {has}"
-                " (coupling.max_ggn_rows); use a smaller batch, or a device spec with wider arrays"
-            )
+        checks.check_ggn_fits(self.info, ggn.m, ggn.n)
         if scale is not None:
             scale = checks.choose_scale(0.0, scale, "GGN")
         # J's codes go into a buffer kept from load to load (a TNGD loop loads the same shape every step)
@@ -214,7 +207,7 @@ class Device(Readout, Settings):
         started = time.perf_counter()
         b = self._checked_vector(b)
         if isinstance(scale, str) and scale == "auto":
-            scale = self._auto_input_scale(b)
+            scale = ranging.loaded_input_scale(self, b)
         peak = float(np.abs(b).max())
         scale = checks.choose_scale(peak / self.info.dac_range_v, scale, "vector b")
         if peak <= 1e200 * scale:  # b / scale and its codes stay far inside the float range
@@ -230,36 +223,11 @@ class Device(Readout, Settings):
         self._vector_scale = scale
         return load_report(scale, q, self._record("load_vector", reply, started))
 
-    def _slowest_rate(self) -> float | None:
-        """The loaded array's slowest relaxation rate, lambda_min(A) / s per tau (ideal parts); None when unknown."""
-        if self._loaded is None or self._matrix_scale is None:
-            return None
-        if self._lambda_min is None:
-            self._lambda_min = ranging.smallest_eigenvalue(self._loaded)
-        key = (self._lambda_min, self._matrix_scale, self._damping)  # all the rate depends on: once per load
-        if self._rate_memo is None or self._rate_memo[0] != key:
-            stiffness = np.array([self._lambda_min / self._matrix_scale])
-            self._rate_memo = key, ranging.slowest_rate(self.info.cell_kind, stiffness, self._dynamics_spec())
-        return self._rate_memo[1]
-
     def _dynamics_spec(self) -> dict[str, Any]:
         """The spec with the damping now set (set_damping), for the settling estimates."""
         if self._damping is None:
             return self.info.spec
         return {**self.info.spec, "oscillator": {**self.info.spec["oscillator"], "damping": self._damping}}
-
-    def _auto_input_scale(self, b: np.ndarray) -> float:
-        if self._loaded is None:
-            raise DeviceStateError(
-                "load_vector(b, scale='auto') ranges b for the loaded matrix: call load_matrix(A) first"
-                " (a symmetric A, or a GGN)"
-            )
-        if self._slowest_rate() is None or self._lambda_min <= 0.0:
-            raise InvalidInputError(
-                f"the loaded matrix has smallest eigenvalue {self._lambda_min:.3g} <= 0: it is not positive"
-                " definite, so the array has no equilibrium to range b for"
-            )
-        return ranging.input_scale(b, self._lambda_min, self._matrix_scale, self.info)
 
     # -- run and read-out --------------------------------------------------------
     def run(
@@ -333,7 +301,7 @@ class Device(Readout, Settings):
             raise
         spent = self._record("run", reply, started)
         wall = self.timeline[-1].wall_time_s
-        rate = self._slowest_rate()
+        rate = ranging.loaded_rate(self)
         left = ranging.settling(rate, burn_in)
         self._settling = (left, burn_in, rate)
         self._readout_scale = self._vector_scale / self._matrix_scale
@@ -362,19 +330,7 @@ class Device(Readout, Settings):
     # -- housekeeping ------------------------------------------------------------
     def status(self) -> DeviceStatus:
         """The device's status word and counters."""
-        reply = self._call(Opcode.STATUS)
-        word = StatusBit(reply["word"])
-        return DeviceStatus(
-            matrix_loaded=bool(word & StatusBit.MATRIX_LOADED),
-            vector_loaded=bool(word & StatusBit.VECTOR_LOADED),
-            has_run=bool(word & StatusBit.HAS_RUN),
-            saturated=bool(word & StatusBit.SATURATED),
-            adc_clipped=bool(word & StatusBit.ADC_CLIPPED),
-            matrix_n=int(reply["matrix_n"]),
-            vector_n=int(reply["vector_n"]),
-            runs=int(reply["runs"]),
-            samples=int(reply["samples"]),
-        )
+        return device_status(self._call(Opcode.STATUS))
 
     def reset(self) -> None:
         """Back to power-on: nothing loaded, state 0, noise stream restarted (same device)."""

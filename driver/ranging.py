@@ -21,6 +21,7 @@ import scipy.linalg
 import scipy.sparse.linalg
 
 from ._blas import fixed_threads
+from .errors import DeviceStateError, InvalidInputError
 from .ggn import GGN
 
 __all__ = [
@@ -107,6 +108,37 @@ def _unsettled_message(left: float, burn_in: float, rate: float) -> str:
         f" transient; run at least burn_in = {math.log(1.0 / SETTLED) / rate:.3g} tau for 1 %, or use"
         " driver.linalg.solve(..., t='auto')"
     )
+
+
+def loaded_rate(dev: Any) -> float | None:
+    """A Device's loaded array's slowest relaxation rate, lambda_min(A) / s per tau (ideal parts, the damping
+    now set); None when unknown (nothing symmetric loaded).  lambda_min once per load, the rate once per
+    (lambda_min, s, damping): a loop of runs pays a tuple compare."""
+    if dev._loaded is None or dev._matrix_scale is None:
+        return None
+    if dev._lambda_min is None:
+        dev._lambda_min = smallest_eigenvalue(dev._loaded)
+    key = (dev._lambda_min, dev._matrix_scale, dev._damping)
+    if dev._rate_memo is None or dev._rate_memo[0] != key:
+        stiffness = np.array([dev._lambda_min / dev._matrix_scale])
+        dev._rate_memo = key, slowest_rate(dev.info.cell_kind, stiffness, dev._dynamics_spec())
+    return dev._rate_memo[1]
+
+
+def loaded_input_scale(dev: Any, b: np.ndarray) -> float:
+    """``load_vector(b, scale="auto")``'s scale for a Device's loaded matrix (:func:`input_scale`), or the
+    error that says why there is none (nothing loaded, or a matrix that is not positive definite)."""
+    if dev._loaded is None:
+        raise DeviceStateError(
+            "load_vector(b, scale='auto') ranges b for the loaded matrix: call load_matrix(A) first"
+            " (a symmetric A, or a GGN)"
+        )
+    if loaded_rate(dev) is None or dev._lambda_min <= 0.0:
+        raise InvalidInputError(
+            f"the loaded matrix has smallest eigenvalue {dev._lambda_min:.3g} <= 0: it is not positive"
+            " definite, so the array has no equilibrium to range b for"
+        )
+    return input_scale(b, dev._lambda_min, dev._matrix_scale, dev.info)
 
 
 _AUTO_FILL = 0.7  # load_vector(scale="auto") aims the bound of the equilibrium at this fraction of the limit

@@ -8,6 +8,7 @@ from typing import Any
 
 from .codes import Quantised
 from .errors import InvalidInputError
+from .protocol import StatusBit
 
 __all__ = ["DeviceInfo", "RunReport", "LoadReport", "DeviceStatus", "DeviceTime", "CallRecord", "Timeline"]
 
@@ -236,6 +237,22 @@ def device_info(reply: dict[str, Any]) -> DeviceInfo:
         max_ggn_rows=spec["coupling"]["max_ggn_rows"],
         program_row_s=spec["timing"]["program_row_s"],
         kappa0_max=spec["noise"].get("kappa0_max", 0.0),
+    )
+
+
+def device_status(reply: dict[str, Any]) -> DeviceStatus:
+    """The DeviceStatus of a STATUS reply (its status word and counters)."""
+    word = StatusBit(reply["word"])
+    return DeviceStatus(
+        matrix_loaded=bool(word & StatusBit.MATRIX_LOADED),
+        vector_loaded=bool(word & StatusBit.VECTOR_LOADED),
+        has_run=bool(word & StatusBit.HAS_RUN),
+        saturated=bool(word & StatusBit.SATURATED),
+        adc_clipped=bool(word & StatusBit.ADC_CLIPPED),
+        matrix_n=int(reply["matrix_n"]),
+        vector_n=int(reply["vector_n"]),
+        runs=int(reply["runs"]),
+        samples=int(reply["samples"]),
     )
 
 
