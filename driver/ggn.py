@@ -163,13 +163,13 @@ def program(
 
     With ``scale`` = s given, J keeps its full range and H goes in at s / s_J^2 (values beyond full
     scale clip and are counted, as for a dense matrix).  ``out``: an array of J's shape and code dtype
-    to write J's codes into (a buffer reused from load to load).  Cost O(m N + m^3); no temporary as
-    large as J.
+    to write J's codes into (a buffer reused from load to load); it is written last, after every check
+    that can raise, because an in-process device holds the codes of its current load by reference.
+    Cost O(m N + m^3); no temporary as large as J.
     """
     s_j, _ = _array_scales(ggn, g_max)
     s = natural_scale(ggn, g_max) if scale is None else scale
     s_h = s / (s_j * s_j)
-    qj = _to_codes_blocked(ggn.J, s_j, bits, g_max, out)
     qh = to_codes(ggn.H / s_h, bits, g_max)
     qd = to_codes(np.array([ggn.damping / s]), bits, g_max)
     raised = 0
@@ -182,6 +182,9 @@ def program(
                 f" (full scale {g_max:g} g0), so the programmed drift would be singular; raise the damping to"
                 f" at least {0.5 * s * g_max / code_max(bits):.3g}, or scale J or H down"
             )
+    # J last, once nothing can be refused: the device keeps the codes it was sent by reference
+    # (spu_emulator.arrays.ProgrammedGGN), so ``out`` must not change unless a load follows
+    qj = _to_codes_blocked(ggn.J, s_j, bits, g_max, out)
     return ProgrammedCodes(
         j_codes=qj.codes,
         h_codes=qh.codes,
@@ -237,14 +240,22 @@ def _to_codes_blocked(
 def _quantise_columns(values, start, stop, scale, full_scale, top, codes):
     """to_codes' arithmetic element by element over columns start:stop: f = (v / scale) / full_scale,
     clipped to +-1, then rint(f top) (top > 0) or f full_scale (top = 0, a continuous part).  Returns
-    (clipped, zeroed, the largest |f - converted value| as a fraction of full scale)."""
+    (clipped, zeroed, the largest |f - converted value| as a fraction of full scale).
+
+    The same bits as to_codes with one division per element instead of three (divisions, not memory,
+    bound this loop): / full_scale is skipped when it is 1 (exact either way), and the error
+    |f - k / top| is divided out only for candidates, elements whose |f top - k| comes within a margin
+    of the largest so far (|f top - k| and top |f - k / top| differ by a few rounding errors of f top,
+    far inside a margin of 1e-9 (|f| top + 1)), so the maximum is the one to_codes finds."""
     clipped = 0
     zeroed = 0
     worst = 0.0
+    bar = 0.0  # worst * top: candidates are the elements with |f top - k| above bar less the margin
+    divide = full_scale != 1.0
     for row in range(values.shape[0]):
         for col in range(start, stop):
             v = values[row, col] / scale
-            f = v / full_scale
+            f = v / full_scale if divide else v
             if abs(f) > 1.0:
                 clipped += 1
             g = min(max(f, -1.0), 1.0)
@@ -253,12 +264,16 @@ def _quantise_columns(values, start, stop, scale, full_scale, top, codes):
                 codes[row, col] = k
                 if k == 0.0 and v != 0.0:
                     zeroed += 1
-                e = abs(f - k / top)
+                if abs(f * top - k) + 1e-9 * (abs(f) * top + 1.0) >= bar:
+                    e = abs(f - k / top)
+                    if e > worst:
+                        worst = e
+                        bar = worst * top
             else:
                 codes[row, col] = g * full_scale
                 e = abs(f - g)
-            if e > worst:
-                worst = e
+                if e > worst:
+                    worst = e
     return clipped, zeroed, worst
 
 

@@ -320,22 +320,32 @@ def _code_range(codes, start, stop):
 def _program_array(codes, start, stop, unit, mismatch, out, abs_sums, square_sums):
     """Columns start:stop of out = codes * unit (* mismatch when it is not empty), the conductances of a
     GGN array (m, n) as ``converters.element_conductances`` computes them, with the column sums of |out|
-    and out^2 into abs_sums and square_sums (n,).  One pass; no random draws."""
+    and out^2 into abs_sums and square_sums (n,).  An empty out: the sums only (a GGN array without
+    mismatch stays its codes).  Returns the row sums of codes^2 over these columns, (m,): exact integers
+    while n code_max^2 < 2^53 (n < 8.4e6 for 16-bit codes).  One pass; no random draws."""
     m = codes.shape[0]
     mismatched = mismatch.shape[0] > 0
+    writing = out.shape[0] > 0
+    row_squares = np.zeros(m)
     for block in range(start, stop, _TILE):
         end = min(block + _TILE, stop)
         for i in range(block, end):
             abs_sums[i] = 0.0
             square_sums[i] = 0.0
         for k in range(m):
+            row = 0.0
             for i in range(block, end):
-                a = float(codes[k, i]) * unit
+                code = float(codes[k, i])
+                row += code * code
+                a = code * unit
                 if mismatched:
                     a *= mismatch[k, i]
-                out[k, i] = a
+                if writing:
+                    out[k, i] = a
                 abs_sums[i] += abs(a)
                 square_sums[i] += a * a
+            row_squares[k] += row
+    return row_squares
 
 
 def in_column_ranges(kernel, array, *args):

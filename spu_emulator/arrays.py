@@ -73,32 +73,69 @@ class ProgrammedGGN:
 
         M V = inv_c * (jt^T h j V + damping * V),   M = C^-1 (a_J^T a_H a_J + diag(d)).
 
-    j: (m, N) J array conductances in g0 (codes, scale and mismatch applied); h: (m, m) H array;
-    jt: (m, N) the J^T array in J's orientation, separate parts with their own mismatch (the very
-    same array as j when mismatch is off); damping: (N,) damping conductances; inv_c: (N,) 1 / c_i;
+    j_codes: (m, N) J's codes as they arrived, kept as they are (no copy: the codes are the data; the
+    sender must not change them while this load is current, and the driver rewrites its buffer only
+    for its next load); unit: g0 per code of an element (1 for continuous parts, whose "codes" are
+    conductances); h: (m, m) H array; damping: (N,) damping conductances; inv_c: (N,) 1 / c_i;
     total_conductance: (N,) gtot_i = sum_k |jt[k, i]| + |damping_i| + gin_i, what the integrator
     input of cell i sees (for Johnson noise and the op-amp offset); noise_sd: (N,) as for a dense
-    matrix; column_norms: (N,) sum_k j[k, i]^2.  drift_norm: ||M||_2, estimated by power iteration on
-    the factored form when first needed (only the transient engine needs it), O(N m) per iteration.
+    matrix; column_norms: (N,) sum_k j[k, i]^2; row_squares: (m,) sum_i j_codes[k, i]^2, exact (the
+    diagonal of the codes' Gram matrix, see :func:`spu_emulator.lowrank.prepare_ggn`); realised:
+    (j, jt) float64 (m, N) conductances in g0 when the elements have mismatch (J^T's parts separate
+    from J's), else None.
+
+    j: (m, N) the J array's conductances in g0 (codes, scale and mismatch applied); jt: the J^T array
+    in J's orientation (the very same array as j without mismatch).  Without mismatch j is formed
+    from the codes on first use (only the transient engine and small-array helpers need it; the
+    exact engine works from the codes), so a load holds 2 m N bytes of int16 codes, not 8 m N.
+    drift_norm: ||M||_2, estimated by power iteration on the factored form when first needed (only
+    the transient engine needs it), O(N m) per iteration.
     """
 
-    j: np.ndarray
+    j_codes: np.ndarray
+    unit: float
     h: np.ndarray
-    jt: np.ndarray
     damping: np.ndarray
     inv_c: np.ndarray
     total_conductance: np.ndarray
     noise_sd: np.ndarray
-    column_norms: np.ndarray | None = None
+    column_norms: np.ndarray
+    row_squares: np.ndarray
+    realised: tuple[np.ndarray, np.ndarray] | None = None
+    _j: np.ndarray | None = None
     _drift_norm: float | None = None
 
     @property
     def n(self) -> int:
-        return self.j.shape[1]
+        return self.j_codes.shape[1]
 
     @property
     def m(self) -> int:
-        return self.j.shape[0]
+        return self.j_codes.shape[0]
+
+    @property
+    def mismatched(self) -> bool:
+        """Whether J and J^T are separate parts with their own mismatch (then the drift is not symmetric)."""
+        return self.realised is not None
+
+    @property
+    def j(self) -> np.ndarray:
+        """(m, N) J array conductances in g0.  Without mismatch formed from the codes on first use, O(m N)
+        and 8 m N bytes kept (``unit`` 1 and float codes: the codes themselves)."""
+        if self.realised is not None:
+            return self.realised[0]
+        if self._j is None:
+            codes = self.j_codes
+            if codes.dtype == np.float64 and self.unit == 1.0:
+                self._j = codes
+            else:
+                self._j = np.multiply(codes, self.unit, dtype=np.float64)
+        return self._j
+
+    @property
+    def jt(self) -> np.ndarray:
+        """(m, N) the J^T array in J's orientation: ``j`` itself without mismatch."""
+        return self.realised[1] if self.realised is not None else self.j
 
     def matvec(self, x: np.ndarray) -> np.ndarray:
         """M x.  Cost O(N m)."""
@@ -159,21 +196,29 @@ class ArrayProgramming:
                 f"{what} of size {n} does not fit the {self.spec.cells.count} cells of {self.spec.name}",
             )
 
+    def _element_unit(self) -> float:
+        """g0 per code of a coupling element (1 for continuous parts: their codes are conductances)."""
+        bits = self.spec.coupling.element_bits
+        return self.spec.coupling.g_max / code_max(bits) if bits > 0 else 1.0
+
     def _ggn_array(self, name: str, codes: np.ndarray, mismatch: np.ndarray | None):
         """``element_conductances(codes, spec, mismatch)`` written into the array's memory of the last load
         when the shape is the same (the arrays are reprogrammed in place: no fresh m x N buffer per load),
         with the column sums of |a| and a^2.  One pass, over column ranges on a few threads.
-        Returns (a, abs sums, square sums)."""
-        bits = self.spec.coupling.element_bits
-        unit = self.spec.coupling.g_max / code_max(bits) if bits > 0 else 1.0
-        out = self._ggn_arrays.get(name)
-        if out is None or out.shape != codes.shape:
-            out = self._ggn_arrays[name] = np.empty(codes.shape)
+        ``mismatch`` None: only the column sums (a stays the codes).  Returns (a or None, abs sums, square sums,
+        row sums of codes^2 (m,), exact: the diagonal of the codes' Gram matrix)."""
+        unit = self._element_unit()
         n = codes.shape[1]
         abs_sums, square_sums = np.empty(n), np.empty(n)
-        factors = mismatch if mismatch is not None else np.empty((0, 0))
-        _kernels.in_column_ranges(_kernels._program_array, codes, unit, factors, out, abs_sums, square_sums)
-        return out, abs_sums, square_sums
+        if mismatch is None:
+            out = factors = np.empty((0, 0))
+        else:
+            out = self._ggn_arrays.get(name)
+            if out is None or out.shape != codes.shape:
+                out = self._ggn_arrays[name] = np.empty(codes.shape)
+            factors = mismatch
+        rows = _kernels.in_column_ranges(_kernels._program_array, codes, unit, factors, out, abs_sums, square_sums)
+        return (out if mismatch is not None else None), abs_sums, square_sums, sum(rows)
 
     def _check_ggn_codes(self, codes: np.ndarray, what: str) -> None:
         """``check_codes`` for a large array, in one read over column ranges (same rules, same messages)."""
@@ -198,25 +243,28 @@ class ArrayProgramming:
         if self._ggn_mismatch_cache is None or self._ggn_mismatch_cache[0] != (m, n):
             self._ggn_mismatch_cache = ((m, n), ggn_mismatch(self.spec, self._seed, m, n))
         mismatch = self._ggn_mismatch_cache[1]
-        j, abs_sums, square_sums = self._ggn_array("j", j_codes, mismatch.j if mismatch else None)
+        # without mismatch J stays its codes (no float copy); with it, J and J^T are realised separately
+        j, abs_sums, square_sums, row_squares = self._ggn_array("j", j_codes, mismatch.j if mismatch else None)
+        realised = None
         if mismatch:
-            jt, abs_sums, _ = self._ggn_array("jt", j_codes, mismatch.jt)
-        else:
-            jt = j
+            jt, abs_sums, _, _ = self._ggn_array("jt", j_codes, mismatch.jt)
+            realised = (j, jt)
         h = element_conductances(h_codes, self.spec, mismatch.h if mismatch else None)
         d = float(element_conductances(damping_code, self.spec, None)[0])
         damping = d * mismatch.damping if mismatch else np.full(n, d)
         c = self.parts.capacitance[:n]
         gtot = abs_sums + np.abs(damping) + self.parts.input_conductance[:n]
         return ProgrammedGGN(
-            j=j,
+            j_codes=j_codes,
+            unit=self._element_unit(),
             h=h,
-            jt=jt,
             damping=damping,
             inv_c=1.0 / c,
             total_conductance=gtot,
             noise_sd=np.sqrt(2.0 * self._kappa(gtot)) / c,
             column_norms=square_sums,
+            row_squares=row_squares,
+            realised=realised,
         )
 
     def _program(self, codes: np.ndarray) -> ProgrammedMatrix:

@@ -195,14 +195,21 @@ class Engines(SafetyAnalysis):
             if self._lc:  # the 2n phase state (x, p); its drift is never symmetric, so the general form
                 self._linear = prepare(self._oscillator.drift, self._oscillator.noise_sd)
             elif isinstance(matrix, ProgrammedGGN):
-                if matrix.jt is not matrix.j:
+                if matrix.mismatched:
                     self._linear_why = (
                         "its J and J^T arrays are separate parts with element mismatch, so its drift is not"
                         " symmetric, and the general exact form would need the N x N drift"
                     )
-                else:
+                else:  # from J's codes as sent: the exact engine never needs J as float64
                     self._linear, self._linear_why = prepare_ggn(
-                        matrix.j, matrix.h, matrix.damping, matrix.inv_c, matrix.noise_sd, matrix.column_norms
+                        matrix.j_codes,
+                        matrix.h,
+                        matrix.damping,
+                        matrix.inv_c,
+                        matrix.noise_sd,
+                        matrix.column_norms,
+                        unit=matrix.unit,
+                        row_squares=matrix.row_squares,
                     )
             else:
                 self._linear = prepare_dense(matrix.drift, matrix.noise_sd)

@@ -456,6 +456,86 @@ def test_large_ggn_never_forms_n_by_n():
     assert times[0].link_s == pytest.approx(16 * (m * n + m * m + 1) / 50e9)
 
 
+def test_the_device_keeps_j_as_the_codes_it_was_sent():
+    """Without mismatch the firmware holds J's int16 codes by reference (no float64 copy of m x N), and
+    J as conductances is formed only when asked for (the transient engine)."""
+    ggn = random_ggn(6, 300, 0.5, seed=3)
+    with driver.open("tngd-sim", seed=0) as dev:
+        dev.load_matrix(ggn)
+        firmware = dev.transport.firmware
+        programmed = firmware.matrix
+        assert programmed.j_codes.dtype == np.int16 and programmed.j_codes is dev._j_codes
+        assert not programmed.mismatched and programmed._j is None and firmware._ggn_arrays == {}
+        unit = programmed.unit
+        np.testing.assert_array_equal(programmed.row_squares, (programmed.j_codes.astype(np.int64) ** 2).sum(axis=1))
+        dev.load_vector(np.ones(300), scale="auto")
+        dev.run(5.0, engine="exact")
+        assert programmed._j is None  # the exact engine worked from the codes
+        np.testing.assert_array_equal(programmed.j, programmed.j_codes * unit)
+        assert programmed.jt is programmed.j
+
+
+def test_a_refused_ggn_leaves_the_codes_of_the_last_load_alone():
+    """driver.ggn.program writes J's codes (into the buffer the device holds) only after every check."""
+    ggn = random_ggn(4, 50, 0.5, seed=4)
+    with driver.open("tngd-sim", seed=0) as dev:
+        dev.load_matrix(ggn)
+        before = dev.transport.firmware.matrix.j_codes.copy()
+        with pytest.raises(driver.InvalidInputError, match="code 0"):
+            dev.load_matrix(driver.GGN(ggn.J * 1e3, ggn.H, 1e-9))
+        np.testing.assert_array_equal(dev.transport.firmware.matrix.j_codes, before)
+
+
+@pytest.mark.parametrize("n", [700, 20_000])
+def test_gram_of_codes_is_far_more_accurate_than_the_codes(n):
+    """lowrank._gram of 16-bit codes (float32 products off the diagonal, exact diagonal) against the exact
+    integer Gram matrix: its error must be far below what rounding J to codes did to J J^T.
+
+    Derived tolerance (lowrank._gram): float32 rounding of an off-diagonal entry is about
+    2^-24 K |c|^2 sqrt(N / K) for blocks of K columns (|c| the rms code), the codes' rounding moves it by
+    about 0.4 sqrt(N) |c|; 20 times the first, and at most a tenth of the second, must bound the error."""
+    gen = np.random.default_rng(n)
+    m = 40
+    J = gen.standard_normal((m, n))
+    q = to_codes(J / np.abs(J).max(), 16, 1.0)
+    codes = q.codes
+    exact_gram = codes.astype(np.int64) @ codes.T.astype(np.int64)  # integers, exact
+    got = lowrank._gram(codes)
+    assert np.array_equal(np.diag(got), np.diag(exact_gram).astype(np.float64))
+    scaled = J / np.abs(J).max() * code_max(16)
+    quantisation = np.abs(scaled @ scaled.T - exact_gram)
+    rms_code = math.sqrt(float(np.mean(codes.astype(np.float64) ** 2)))
+    k = min(n, max(64, lowrank._GRAM_VALUES // m))
+    float32_scale = 2.0**-24 * k * rms_code**2 * math.sqrt(n / k)
+    error = np.abs(got - exact_gram)
+    off = ~np.eye(m, dtype=bool)
+    assert error[off].max() <= 20 * float32_scale
+    assert error[off].max() <= 0.1 * np.sqrt(np.mean(quantisation[off] ** 2))
+    # and with the diagonal given (the firmware's exact row sums), the same matrix
+    np.testing.assert_array_equal(lowrank._gram(codes, np.diag(exact_gram).astype(np.float64)), got)
+
+
+def test_lowrank_model_from_codes_matches_the_model_from_conductances():
+    """prepare_ggn(codes, unit=u) is the model of conductances u codes: the same rates and f(M) x."""
+    gen = np.random.default_rng(5)
+    m, n = 12, 3000
+    codes = to_codes(gen.standard_normal((m, n)) / 4.0, 16, 1.0).codes
+    unit = 1.0 / code_max(16)
+    a = gen.standard_normal((m, m))
+    h = a @ a.T / m
+    cells = np.ones(n)
+    from_codes, _ = lowrank.prepare_ggn(codes, h, 0.1 * cells, 2.0 * cells, 0.3 * cells, unit=unit)
+    from_floats, _ = lowrank.prepare_ggn(codes * unit, h, 0.1 * cells, 2.0 * cells, 0.3 * cells)
+    # the codes' Gram matrix has float32 products off its diagonal: relative error about 2^-24 sqrt(N)
+    rtol = 2.0**-24 * math.sqrt(n)
+    np.testing.assert_allclose(from_codes.rates, from_floats.rates, rtol=rtol)
+    x = gen.standard_normal(n)
+    values = np.exp(-0.7 * from_floats.all_rates())
+    got, want = from_codes.apply(values, x), from_floats.apply(values, x)
+    assert np.abs(got - want).max() <= rtol * np.abs(want).max()
+    np.testing.assert_allclose(from_codes.diagonal_bound, from_floats.diagonal_bound, rtol=1e-12)
+
+
 # --------------------------------------------------------------------------- mismatch
 def test_mismatch_makes_the_drift_non_symmetric_and_auto_steps_it(tmp_path):
     path = write_spec(tmp_path, "mismatched", {"coupling.mismatch": 0.02, "noise.kappa0": 1e-4})
