@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _kernels
+from . import _kernels, krylov
 from .converters import check_codes, code_max, dac_volts, element_conductances
 from .oscillator import OscillatorArray, program_oscillator
 from .parts import element_mismatch, ggn_mismatch
@@ -31,7 +31,8 @@ class ProgrammedMatrix:
 
     conductance: (n, n) realised a_ij in g0 (codes, scale and mismatch applied);
     drift: (n, n) M = C^-1 a; total_conductance: (n,) gtot_i = sum_j |a_ij| + gin_i;
-    noise_sd: (n,) sqrt(2 kappa_i) / c_i in V / sqrt(tau); drift_norm: ||M||_2 (estimate).
+    noise_sd: (n,) sqrt(2 kappa_i) / c_i in V / sqrt(tau); drift_norm: ||M||_2 (estimate); symmetric:
+    whether M == M^T exactly (None: not checked, below ``krylov.MIN_CELLS`` cells).
     """
 
     codes: np.ndarray
@@ -40,6 +41,7 @@ class ProgrammedMatrix:
     total_conductance: np.ndarray
     noise_sd: np.ndarray
     drift_norm: float
+    symmetric: bool | None = None
 
     @property
     def n(self) -> int:
@@ -277,13 +279,17 @@ class ArrayProgramming:
         gtot = np.abs(a).sum(axis=1) + gin
         drift = np.ascontiguousarray(a / c[:, None])
         kappa = self._kappa(gtot)
+        # a large symmetric array: Lanczos for its norm (half the products of the power method), and the
+        # exact engine's Krylov form is told it is symmetric
+        symmetric = bool(np.array_equal(drift, drift.T)) if n >= krylov.MIN_CELLS else None
         return ProgrammedMatrix(
             codes=codes,
             conductance=a,
             drift=drift,
             total_conductance=gtot,
             noise_sd=np.sqrt(2.0 * kappa) / c,
-            drift_norm=_spectral_norm(drift),
+            drift_norm=krylov.symmetric_norm(drift) if symmetric else _spectral_norm(drift),
+            symmetric=symmetric,
         )
 
     def _kappa(self, gtot: np.ndarray) -> np.ndarray:

@@ -212,7 +212,7 @@ class Engines(SafetyAnalysis):
                         row_squares=matrix.row_squares,
                     )
             else:
-                self._linear = prepare_dense(matrix.drift, matrix.noise_sd)
+                self._linear = prepare_dense(matrix.drift, matrix.noise_sd, matrix.symmetric)
             self._linear_for = matrix
         return self._linear
 
