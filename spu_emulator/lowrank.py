@@ -247,9 +247,9 @@ def prepare_ggn(
 
 # j is read a block of columns at a time when it is integer codes: each block is converted to float64
 # (exact) and multiplied by BLAS, so no float copy of j is ever whole.  The passes (a few vectors) are
-# memory-bound: blocks of about 2^19 values (4 MB) keep the converted block in cache; the Gram matrix is
+# memory-bound: blocks of about 2^18 values (2 MB) keep the converted block in cache; the Gram matrix is
 # compute-bound: larger blocks (2^21 values) let BLAS run at its full rate.
-_PASS_VALUES = 1 << 19
+_PASS_VALUES = 1 << 18
 _GRAM_VALUES = 1 << 21
 
 
@@ -348,12 +348,13 @@ def _propagate_lowrank(model, d0, head, count, period, tail, rng):
     s2 = model.noise_level**2
     n = d0.shape[0]
     noisy = s2 > 0.0
-    columns = [d0]
-    if noisy:
-        columns += [rng.standard_normal(n) for _ in range(4 if count else 2)]
-    x = np.column_stack(columns)
+    width = 1 + ((4 if count else 2) if noisy else 0)
+    x = np.empty((n, width), order="F")  # one draw at a time into its column: no list of N-vectors held
+    x[:, 0] = d0
+    for column in range(1, width):
+        x[:, column] = rng.standard_normal(n)
     y = model.project(x)
-    basis = np.eye(len(columns))
+    basis = np.eye(width)
     zero = np.zeros(model.rates.shape[0])
 
     def apply(values, vector):
@@ -370,7 +371,7 @@ def _propagate_lowrank(model, d0, head, count, period, tail, rng):
         return add(moved, apply(sd, (basis[column], zero))) if noisy else moved
 
     d = hop((basis[0], zero), head, 1)
-    total = (np.zeros(len(columns)), zero)
+    total = (np.zeros(width), zero)
     if count:
         mean_sum, mean_last, l11, l21, l22 = _scalar_window(model._memo, lam, s2, period, count)
         if noisy:
@@ -379,6 +380,6 @@ def _propagate_lowrank(model, d0, head, count, period, tail, rng):
             d = add(apply(mean_last, d), apply(l21, z1), apply(l22, z2))
         else:
             total, d = apply(mean_sum, d), apply(mean_last, d)
-    d = hop(d, tail, len(columns) - 1)
+    d = hop(d, tail, width - 1)
     out = x @ np.column_stack((total[0], d[0])) + model.expand(np.column_stack((total[1], d[1])))
     return out[:, 0], out[:, 1]
