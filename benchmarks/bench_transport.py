@@ -15,7 +15,10 @@ Rows:
   ideal preset and on spu-8 (every non-ideality on), matrix loaded once, default
   engine "auto" (exact here), median over ``--repeats`` rounds; "+" is the median of
   the per-round difference, what the link adds.  Targets (issue 14, on a quiet
-  machine): in-process <= 40 us, TCP <= 150 us.
+  machine): in-process <= 40 us, TCP <= 150 us.  "fastest block": the round trip in
+  the fastest of ``--repeats`` / 20 blocks of 20 rounds, each side on its own: on a
+  machine that other processes load, the median includes the time they take the core
+  (on a virtual machine the thread's CPU clock does too), the fastest block leaves it out.
 * polling off: the ideal round trip again, against a server started with
   ``--poll-us 0`` from a host opened with ``poll_s=0``, so both ends sleep in the
   kernel as soon as they wait (interleaved with the default, which polls for up to
@@ -59,6 +62,7 @@ for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import math  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
 import signal  # noqa: E402
@@ -139,6 +143,22 @@ def _round_trip(dev: driver.Device, b: np.ndarray) -> Callable[[], object]:
         dev.read_mean()
 
     return call
+
+
+def _fastest_block(call: Callable[[], object], rounds: int, block: int = 20) -> float:
+    """Seconds per call in the fastest block of ``block`` consecutive calls: what the calls cost when nothing
+    else takes the core meanwhile.  On a machine that other processes load, the median includes the time
+    they take (on a virtual machine even the thread's CPU clock does: a preempted virtual CPU's time runs
+    on), the fastest block of many leaves it out."""
+    for _ in range(block):
+        call()
+    fastest = math.inf
+    for _ in range(max(1, rounds // block)):
+        started = time.perf_counter()
+        for _ in range(block):
+            call()
+        fastest = min(fastest, (time.perf_counter() - started) / block)
+    return fastest
 
 
 def _bulk_frame(dev: driver.Device, codes: np.ndarray) -> Callable[[], object]:
@@ -228,6 +248,17 @@ def main(argv: list[str] | None = None) -> int:
                     "PASS" if inproc * 1e6 <= IN_PROCESS_TARGET_US and tcp * 1e6 <= ROUND_TRIP_TARGET_US else "MISS",
                 )
             )
+            quick_local = _fastest_block(_round_trip(local, b), repeats)
+            quick_tcp = _fastest_block(_round_trip(remote, b), repeats)
+            quick_met = quick_local * 1e6 <= IN_PROCESS_TARGET_US and quick_tcp * 1e6 <= ROUND_TRIP_TARGET_US
+            fastest = (
+                "  the same, fastest block of 20 rounds (per round: near what a quiet machine gives)",
+                f"{quick_local * 1e6:.0f} us",
+                f"{quick_tcp * 1e6:.0f} us",
+                f"<= {IN_PROCESS_TARGET_US:.0f} / {ROUND_TRIP_TARGET_US:.0f} us",
+                "PASS" if quick_met else "MISS",
+            )
+            rows.append(fastest)
             if spec == "ideal":
                 # the same against a server and a host that sleep in the kernel at once (no polling window)
                 with served(spec, "--poll-us", "0") as sleepy_url, driver.open(sleepy_url, seed=SEED, poll_s=0) as slow:
@@ -238,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                 ratio = float(np.median(sleeping["polling"]) / np.median(sleeping["tcp"]))
                 rows.append(
                     (
-                        f"  the same with polling off at both ends (median; default / off = {ratio:.2f})",
+                        f"  the median with polling off at both ends (default median / off = {ratio:.2f})",
                         "",
                         f"{np.median(sleeping['tcp']) * 1e6:.0f} us",
                         f"ratio <= {POLLING_RATIO_TARGET:g}",
