@@ -136,7 +136,7 @@ def natural_scale(dev: Device, A: np.ndarray) -> float:
     peak = (
         float(np.abs(A / cal.trims(A.shape[0])).max())
         if cal is not None and square
-        else float(np.abs(A).max(initial=0.0))
+        else (max(float(A.max()), -float(A.min())) if A.size else 0.0)  # max |A| without an |A| temporary
     )
     return peak / dev.info.g_max
 

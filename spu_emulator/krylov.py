@@ -133,7 +133,7 @@ class KrylovModel:
         def path(theta):
             return np.exp(-np.outer(theta, times))
 
-        run = _lanczos(self.drift, d[None, :], [path], floor=float(np.abs(target).max()))
+        run = _lanczos(self.drift, d[None, :], [path], floor=float(np.abs(target).max()), rate_max=self.rate_max)
         if run is None:
             return np.minimum(bound, self.modal().reach(state, target, start, tight=True, stop=stop))
         (basis, theta, rotation, error) = run[0]
@@ -168,7 +168,8 @@ class KrylovModel:
             for c in range(len(starts))
         ]
         starts = np.stack(starts)
-        run = _lanczos(self.drift, starts, columns, floor=float(np.linalg.norm(d0)) + self.noise_level)
+        floor = float(np.linalg.norm(d0)) + self.noise_level
+        run = _lanczos(self.drift, starts, columns, floor=floor, rate_max=self.rate_max)
         if run is None:  # the modal form (one eigh) applies the same functions
             modal = self.modal()
             out = sum(
@@ -229,8 +230,14 @@ def prepare_dense(drift: np.ndarray, noise_sd: np.ndarray, symmetric: bool | Non
         noise_sd=noise_sd,
         factor=factor,
         noise_level=float(noise_sd[0]),
-        rate_max=float(np.abs(drift).sum(axis=1).max()),  # Gershgorin
+        rate_max=_row_sum_bound(drift),
     )
+
+
+def _row_sum_bound(m: np.ndarray, rows: int = 256) -> float:
+    """max_i sum_j |m_ij| (Gershgorin's bound of every |eigenvalue|), a block of rows at a time (no n x n
+    temporary).  O(n^2)."""
+    return max(float(np.abs(m[i : i + rows]).sum(axis=1).max()) for i in range(0, m.shape[0], rows))
 
 
 def symmetric_norm(m: np.ndarray, steps: int = 30) -> float:
@@ -329,13 +336,14 @@ def _combine(run, starts, per_column) -> np.ndarray:
     return total
 
 
-def _lanczos(drift: np.ndarray, starts: np.ndarray, functions, floor: float = 0.0) -> list | None:
+def _lanczos(drift: np.ndarray, starts: np.ndarray, functions, floor: float, rate_max: float) -> list | None:
     """Lanczos with full reorthogonalisation from each row of ``starts`` (p, n), all in one batch.
 
     functions[c](theta) -> (k, r) values of column c's functions at Ritz values theta.  The columns' results
     |v| S f(theta) S^T e_1 are summed by the caller, so each must settle (change between checks
     _CHECK_EVERY steps apart) to _TOLERANCE times the largest of the columns' |v| max |f| and ``floor``
-    (the scale of what they are added to), or its Krylov space become invariant.  Returns per column
+    (the scale of what they are added to), or its Krylov space become invariant (a step's norm below
+    1e-14 rate_max, an upper bound of ||M||).  Returns per column
     (basis Q (k, n), theta (k,), S (k, k), the last change, l2 in the cells' basis), or None when
     _MAX_STEPS did not suffice.  Cost O(n^2 p k + n p k^2).
     """
@@ -354,7 +362,7 @@ def _lanczos(drift: np.ndarray, starts: np.ndarray, functions, floor: float = 0.
             basis[c, 0] = starts[c] / norms[c]
         else:
             results[c] = (np.zeros((0, n)), np.zeros(0), np.zeros((0, 0)), 0.0)
-    scale = float(np.abs(drift).sum(axis=1).max())  # ||M||_inf, for the breakdown test
+    scale = rate_max
     for j in range(limit):
         if not active:
             return results
