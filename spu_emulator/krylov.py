@@ -9,18 +9,19 @@ to the vectors of the run by the Lanczos method:
 
     f(M) v ~= |v| Q_k f(T_k) e_1,     T_k = Q_k^T M Q_k  (k x k tridiagonal),
 
-with full reorthogonalisation, all the run's vectors (its starting deviation and its normals) in one
-batch of matrix products.  Convergence is monitored the standard way (the change of the result between
-checks 6 steps apart, against |v| max |f| over the Ritz values) down to 1e-13 relative, the accuracy of
-the modal form's own ``eigh``; the number of steps grows with sqrt(cond M) (about 60 at cond 10).  When
-it does not converge in :data:`_MAX_STEPS`, or for anything the form does not answer (lagged sums), the
-model falls back to the modal form, made once on demand (:meth:`KrylovModel.modal`).
+with full reorthogonalisation, all the run's vectors (its starting deviation and two vectors of normals)
+in lockstep, each product reading one triangle of M (BLAS's dsymv).  Convergence is monitored the
+standard way (the change of the result between checks 6 steps apart, against |v| max |f| over the Ritz
+values) down to 1e-13 relative, the accuracy of the modal form's own ``eigh``; the number of steps grows
+with sqrt(cond M) (about 50 at cond 10).  When it does not converge in :data:`_MAX_STEPS`, or for anything
+the form does not answer (lagged sums), the model falls back to the modal form, made once on demand
+(:meth:`KrylovModel.modal`).
 
 The normals are drawn in the cells' basis, not the modes': f(M) z with z ~ N(0, I) has the law of
 W f(L) z' (W orthogonal), so the run's law is the modal form's, its bits are not.
 
 The engine choice's questions (see ``spu_emulator.safety``) get bounds: lambda_min(M) from below by a
-few Lanczos steps on M^-1 (Cholesky solves) with a probabilistic guarantee (:func:`_rate_floor`), so the
+few block Lanczos steps on M^-1 (Cholesky solves) with a probabilistic guarantee (:func:`_rate_floor`), so the
 stationary variance from above by s^2 / (2 lambda_min); the fresh variance per sample from below by
 Jensen's inequality on the diagonal (as ``lowrank.LowRankModel``); the largest rate from above by
 Gershgorin; the mean path in l2 by ||e^{-M s}|| <= e^{-lambda_min s}, then cell by cell along the path in
@@ -95,7 +96,7 @@ class KrylovModel:
 
     def stationary_var_upper(self) -> np.ndarray:
         """Per cell, an upper bound of the stationary variance: s^2 / (2 lambda) for lambda the lower bound of
-        lambda_min(M) in :attr:`contraction_rate`, volts^2.  O(n^2 k) once (k ~ 20 Cholesky solves).
+        lambda_min(M) in :attr:`contraction_rate`, volts^2.  O(n^2) once (8 Cholesky solves of 4 vectors).
 
         (diag(Sigma) = s^2 / 2 diag(M^-1) itself would cost a triangular inverse, as much again as the
         Cholesky factor, for a margin that matters only when the noise reaches the rails.)"""
@@ -155,7 +156,7 @@ class KrylovModel:
         """
         s2 = self.noise_level**2
         n = d0.shape[0]
-        # after a long head hop d0 leaves less than 1e-17 of itself in the run: its column is left out
+        # after a long head hop d0 leaves at most e^-40 / K of itself in the run: its column is left out
         if head * self.contraction_rate > math.log(max(count, 1)) + 40.0:
             d0 = np.zeros_like(d0)
         starts = [d0]
@@ -343,9 +344,9 @@ def _lanczos(drift: np.ndarray, starts: np.ndarray, functions, floor: float, rat
     |v| S f(theta) S^T e_1 are summed by the caller, so each must settle (change between checks
     _CHECK_EVERY steps apart) to _TOLERANCE times the largest of the columns' |v| max |f| and ``floor``
     (the scale of what they are added to), or its Krylov space become invariant (a step's norm below
-    1e-14 rate_max, an upper bound of ||M||).  Returns per column
-    (basis Q (k, n), theta (k,), S (k, k), the last change, l2 in the cells' basis), or None when
-    _MAX_STEPS did not suffice.  Cost O(n^2 p k + n p k^2).
+    1e-14 rate_max, an upper bound of ||M||).  Returns per column (basis Q (k, n), theta (k,), S (k, k),
+    the last change, l2 in the cells' basis), or None when _MAX_STEPS did not suffice.
+    Cost O(n^2 p k + n p k^2).
     """
     p, n = starts.shape
     norms = np.linalg.norm(starts, axis=1)
@@ -362,7 +363,6 @@ def _lanczos(drift: np.ndarray, starts: np.ndarray, functions, floor: float, rat
             basis[c, 0] = starts[c] / norms[c]
         else:
             results[c] = (np.zeros((0, n)), np.zeros(0), np.zeros((0, 0)), 0.0)
-    scale = rate_max
     for j in range(limit):
         if not active:
             return results
@@ -379,7 +379,7 @@ def _lanczos(drift: np.ndarray, starts: np.ndarray, functions, floor: float, rat
                 break
             before = after
         beta[rows, j] = after
-        invariant = after <= 1e-14 * scale
+        invariant = after <= 1e-14 * rate_max
         basis[rows, j + 1] = np.divide(w, after[:, None], out=np.zeros_like(w), where=~invariant[:, None])
         if (j + 1) % _CHECK_EVERY and j + 1 < limit and not invariant.any():
             continue

@@ -70,13 +70,17 @@ def test_noiseless_draw_is_deterministic_and_matches(monkeypatch):
 
 
 def test_lanczos_gives_way_to_the_modal_form_when_it_does_not_converge(monkeypatch, model):
-    """With too few steps allowed the draw falls back to the modal form: the same numbers, not an error."""
+    """With too few steps allowed the draw and the reach fall back to the modal form: its numbers, not an error."""
     d0 = np.random.default_rng(1).standard_normal(N)
     monkeypatch.setattr(krylov, "_MAX_STEPS", 6)
     total, final = model.draw(d0, 1.0, 5, 1.0, 0.5, np.random.default_rng(7))
     ref_total, ref_final = _modal_reference(monkeypatch, model, d0, 1.0, 5, 1.0, 0.5, seed=7)
     np.testing.assert_array_equal(total, ref_total)
     np.testing.assert_array_equal(final, ref_final)
+    target = np.full(N, 0.1)
+    modal_bound = model.modal().reach(d0, target, 0.0, tight=True, stop=3.0)
+    bound = model.reach(d0, target, 0.0, tight=True, stop=3.0)
+    np.testing.assert_array_equal(bound, np.minimum(model.reach(d0, target, 0.0, stop=3.0), modal_bound))
 
 
 def test_variance_and_rate_bounds(model):
