@@ -27,7 +27,8 @@ included.  "> imp" subtracts the resident set after the imports, "> warm" the re
 calls at N = 1000 (compiled code loaded: numba's kernels cost the emulator about 0.13 GB once per process).
 
 The digital solvers are measured (median of --repeats runs after one warm-up); TNGD steps are timed after a
-first step that initialises the device state.  BLAS runs on one thread (OPENBLAS_NUM_THREADS,
+first step that initialises the device state, each right after a Woodbury solve (the two alternate, so a
+change of load on a shared machine reaches both alike).  BLAS runs on one thread (OPENBLAS_NUM_THREADS,
 OMP_NUM_THREADS, MKL_NUM_THREADS set to 1 unless already set): with the default threads on a shared machine
 the Woodbury / device ratio swung from 2x to 10.8x between runs.  Targets (issue 14): emulated TNGD within
 1.25x of NGD-Woodbury in time and in peak memory at N = 1e5 and 1e6 (m = 640), and the estimated TNGD time
@@ -94,17 +95,22 @@ def available_bytes() -> float:
     return float("inf")
 
 
-def tngd_times(g, J, H, t_tau: float, repeats: int, seed: int):
+def tngd_times(g, J, H, t_tau: float, repeats: int, seed: int, between=None, budget: float | None = None):
     """(median host wall time of a warm step, median estimated device time, breakdown of the last step, s,
-    host wall time of the first step, which also sets the device state to g)."""
+    host wall time of the first step, which also sets the device state to g).  ``between()`` is called
+    before each warm step (the solver compared with it, so the two are timed side by side); ``budget``:
+    tngd-sim's memory.budget_bytes instead of the spec's."""
     rng = np.random.default_rng(seed + 1)
-    with driver.open("tngd-sim", seed=seed) as dev:
+    overrides = {"memory.budget_bytes": int(budget)} if budget else None
+    with driver.open("tngd-sim", seed=seed, overrides=overrides) as dev:
         scale = dev.matrix_scale(driver.GGN(J, H, DAMPING))
         opt = TNGD(dev, lr=1.0, damping=DAMPING, t=t_tau / scale)
         opt.natural_gradient(g, J=J, H=H)  # initialises the state to g
         first = opt.last_record.wall_time_s
         walls, estimates = [], []
         for _ in range(repeats):
+            if between is not None:
+                between()
             start = len(dev.timeline)
             grad = g + 0.1 * np.linalg.norm(g) / np.sqrt(g.size) * rng.standard_normal(g.size)
             opt.natural_gradient(grad, J=J, H=H)
@@ -133,7 +139,7 @@ def memory_child(args) -> None:
         if args.memory_child == "woodbury":
             timed(lambda: ngd.solve_woodbury(g, DAMPING, J=J, H=H), repeats)
         else:
-            tngd_times(g, J, H, args.analog_tau, repeats, args.seed)
+            tngd_times(g, J, H, args.analog_tau, repeats, args.seed, budget=args.budget_bytes)
         return float(J.nbytes + g.nbytes)
 
     base = resident_bytes("VmRSS")
@@ -148,6 +154,7 @@ def peak_memory(solver: str, n: int, batch: int, d_z: int, args) -> dict:
     command = [sys.executable, __file__, "--memory-child", solver, "--n", str(n), "--batch", str(batch)]
     command += ["--dz", str(d_z), "--seed", str(args.seed), "--repeats", str(args.repeats)]
     command += ["--analog-tau", str(args.analog_tau)]
+    command += ["--budget-bytes", str(args.budget_bytes)] if args.budget_bytes else []
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -165,8 +172,18 @@ def row(n, batch, d_z, args, memory):
     else:
         cells["exact"] = f"skip {need / 1e9:.3g} GB" if need > 0.6 * memory else f"skip N>{args.max_exact_n:g}"
     cells["cg"] = timed(lambda: ngd.solve_cg(g, DAMPING, J=J, H=H, iters=args.cg_iters), args.repeats)
-    cells["woodbury"] = timed(lambda: ngd.solve_woodbury(g, DAMPING, J=J, H=H), args.repeats)
-    wall, estimate, breakdown, scale, first = tngd_times(g, J, H, args.analog_tau, args.repeats, args.seed)
+    # Woodbury and the TNGD steps alternate, so a change of load on a shared machine reaches both alike
+    woodbury = []
+
+    def time_woodbury():
+        started = time.perf_counter()
+        ngd.solve_woodbury(g, DAMPING, J=J, H=H)
+        woodbury.append(time.perf_counter() - started)
+
+    ngd.solve_woodbury(g, DAMPING, J=J, H=H)  # warm-up
+    timing = tngd_times(g, J, H, args.analog_tau, args.repeats, args.seed, time_woodbury, args.budget_bytes)
+    wall, estimate, breakdown, scale, first = timing
+    cells["woodbury"] = statistics.median(woodbury)
     cells["tngd_wall"], cells["tngd_est"], cells["first"] = wall, estimate, first / wall
     cells["ratio"] = wall / cells["woodbury"]
     cells["breakdown"], cells["m"] = breakdown, m
@@ -245,6 +262,11 @@ def main(argv=None):
         action=argparse.BooleanOptionalAction,
         default=True,
         help="measure each solver's peak memory in a fresh process of its own (doubles the run time)",
+    )
+    parser.add_argument(
+        "--budget-bytes",
+        type=float,
+        help="tngd-sim's memory.budget_bytes (8 GiB counts a GGN load as 32 m N bytes: N = 1e6, m = 640 needs 2.1e10)",
     )
     parser.add_argument("--memory-child", choices=("woodbury", "tngd"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
