@@ -12,6 +12,7 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 __all__ = ["Quantised", "code_max", "code_dtype", "to_codes", "from_codes"]
 
@@ -70,6 +71,12 @@ def to_codes(values: np.ndarray, bits: int, full_scale: float) -> Quantised:
 
 
 def _to_codes(values: np.ndarray, bits: int, full_scale: float) -> Quantised:
+    if bits > 1 and values.ndim == 1 and values.dtype == np.float64 and values.flags.c_contiguous:
+        # a vector (the DAC's): one pass in a kernel, not a dozen numpy calls (about 10 us at n = 8)
+        codes = np.empty(values.shape[0], code_dtype(bits))
+        clipped, zeroed, error, finite = _quantise(values, float(full_scale), code_max(bits), codes)
+        if finite:
+            return Quantised(codes, int(clipped), int(zeroed), float(error))
     unclipped = values / full_scale
     if unclipped.size and -1.0 <= unclipped.min() and unclipped.max() <= 1.0:
         clipped, fraction = 0, unclipped  # within full scale (NaN is not): the clip would change nothing
@@ -86,6 +93,36 @@ def _to_codes(values: np.ndarray, bits: int, full_scale: float) -> Quantised:
     zeroed = 0 if np.count_nonzero(codes) == codes.size else int(np.count_nonzero((codes == 0) & (values != 0)))
     error = np.abs(unclipped - codes / top)
     return Quantised(codes, clipped, zeroed, float(error.max(initial=0.0)))
+
+
+@njit(cache=True)
+def _quantise(values, full_scale, top, codes):  # pragma: no cover - compiled
+    """_to_codes's numbers for a float64 vector, element by element in the same operations (v / full_scale,
+    clipped to +-1, rint(f * top), |v / full_scale - code / top|), so the same bits; codes written into
+    ``codes``.  Returns (clipped, zeroed, max error, finite): not finite (a NaN) leaves it to numpy."""
+    clipped = 0
+    zeroed = 0
+    error = 0.0
+    for i in range(values.shape[0]):
+        value = values[i]
+        if value != value:
+            return 0, 0, 0.0, False
+        unclipped = value / full_scale
+        fraction = unclipped
+        if fraction > 1.0:
+            fraction = 1.0
+            clipped += 1
+        elif fraction < -1.0:
+            fraction = -1.0
+            clipped += 1
+        code = np.rint(fraction * top)
+        codes[i] = code
+        if code == 0.0 and value != 0.0:
+            zeroed += 1
+        miss = abs(unclipped - code / top)
+        if miss > error:
+            error = miss
+    return clipped, zeroed, error, True
 
 
 def from_codes(codes: np.ndarray, bits: int, full_scale: float) -> np.ndarray:
