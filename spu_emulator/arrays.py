@@ -281,7 +281,7 @@ class ArrayProgramming:
         kappa = self._kappa(gtot)
         # a large symmetric array: Lanczos for its norm (half the products of the power method), and the
         # exact engine's Krylov form is told it is symmetric
-        symmetric = bool(np.array_equal(drift, drift.T)) if n >= krylov.MIN_CELLS else None
+        symmetric = krylov.is_symmetric(drift) if n >= krylov.MIN_CELLS else None
         return ProgrammedMatrix(
             codes=codes,
             conductance=a,

@@ -165,3 +165,16 @@ def test_symmetric_norm_bounds_the_norm(spectrum):
     m = 0.5 * (m + m.T)
     true = float(np.abs(values).max())
     assert true <= krylov.symmetric_norm(m) <= 1.1 * true * (1.0 + 1e-12)
+
+
+def test_is_symmetric_finds_any_asymmetric_pair():
+    """The tiled check agrees with numpy's whole comparison: symmetric, and one element off in any tile
+    (diagonal tile, off-diagonal tile, the ragged last tile)."""
+    n = 300
+    m = np.random.default_rng(9).standard_normal((n, n))
+    m = m + m.T
+    assert krylov.is_symmetric(m)
+    for i, j in [(3, 5), (10, 200), (299, 0), (130, 290)]:
+        broken = m.copy()
+        broken[i, j] += 1e-15 * abs(broken[i, j]) + 1e-300
+        assert not krylov.is_symmetric(broken)
