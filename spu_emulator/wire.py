@@ -449,23 +449,20 @@ def decode_payload(buffer: bytes | bytearray | memoryview) -> dict[str, Any]:
         raise _bad(f"payload does not parse: {exc}") from None
     if end != size:
         raise _bad(f"payload has {size - end} bytes after its last field (payload_length {size})")
-    if size <= _LAYOUT_MAX_BYTES and len(_LAYOUTS.get(size, ())) < _LAYOUTS_PER_SIZE and _layout_count() < _MAX_LAYOUTS:
+    known = _LAYOUTS.get(size, ())
+    if size <= _LAYOUT_MAX_BYTES and len(known) < _LAYOUTS_PER_SIZE and len(_LAYOUTS) < _MAX_LAYOUTS:
         layout = _Layout.learn(view)
         if layout is not None:
-            _LAYOUTS.setdefault(size, []).append(layout)
+            _LAYOUTS[size] = (*known, layout)  # a new tuple: threads that read the old one are not disturbed
     return value
 
 
-# decode_payload's layouts, by payload length: at most _MAX_LAYOUTS in all (then no more are learnt), of
+# decode_payload's layouts, by payload length: at most _MAX_LAYOUTS lengths (then no more are learnt), of
 # payloads up to _LAYOUT_MAX_BYTES (past that the arrays' bytes, not the fields, are the cost)
-_LAYOUTS: dict[int, list[_Layout]] = {}
+_LAYOUTS: dict[int, tuple[_Layout, ...]] = {}
 _MAX_LAYOUTS = 256
 _LAYOUTS_PER_SIZE = 4
 _LAYOUT_MAX_BYTES = 1 << 16
-
-
-def _layout_count() -> int:
-    return sum(len(layouts) for layouts in _LAYOUTS.values())
 
 
 class _Layout:
