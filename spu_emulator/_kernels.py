@@ -321,12 +321,15 @@ def _program_array(codes, start, stop, unit, mismatch, out, abs_sums, square_sum
     """Columns start:stop of out = codes * unit (* mismatch when it is not empty), the conductances of a
     GGN array (m, n) as ``converters.element_conductances`` computes them, with the column sums of |out|
     and out^2 into abs_sums and square_sums (n,).  An empty out: the sums only (a GGN array without
-    mismatch stays its codes).  Returns the row sums of codes^2 over these columns, (m,): exact integers
-    while n code_max^2 < 2^53 (n < 8.4e6 for 16-bit codes).  One pass; no random draws."""
+    mismatch stays its codes).  Returns (the row sums of codes^2 over these columns (m,), exact integers
+    while n code_max^2 < 2^53 (n < 8.4e6 for 16-bit codes); the smallest and the largest code, as
+    floats: for integer codes the range check comes with the same read).  One pass; no random draws."""
     m = codes.shape[0]
     mismatched = mismatch.shape[0] > 0
     writing = out.shape[0] > 0
     row_squares = np.zeros(m)
+    lo = np.inf
+    hi = -np.inf
     for block in range(start, stop, _TILE):
         end = min(block + _TILE, stop)
         for i in range(block, end):
@@ -336,6 +339,8 @@ def _program_array(codes, start, stop, unit, mismatch, out, abs_sums, square_sum
             row = 0.0
             for i in range(block, end):
                 code = float(codes[k, i])
+                lo = min(lo, code)
+                hi = max(hi, code)
                 row += code * code
                 a = code * unit
                 if mismatched:
@@ -345,7 +350,7 @@ def _program_array(codes, start, stop, unit, mismatch, out, abs_sums, square_sum
                 abs_sums[i] += abs(a)
                 square_sums[i] += a * a
             row_squares[k] += row
-    return row_squares
+    return row_squares, lo, hi
 
 
 def in_column_ranges(kernel, array, *args):

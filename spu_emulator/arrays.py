@@ -187,6 +187,9 @@ def _power_norm(mtm: Callable[[np.ndarray], np.ndarray], n: int, cap: float, ite
 class ArrayProgramming:
     """The array-programming half of :class:`~spu_emulator.firmware.Firmware` (a mixin)."""
 
+    # (J codes, _ggn_array's sums of them) from the last _check_ggn_codes, for _program_ggn to take
+    _checked_ggn: tuple | None = None
+
     def _dense_size(self) -> int:
         """Largest n of a dense matrix: min(cells.count, coupling.max_dense_size)."""
         return min(self.spec.cells.count, self.spec.coupling.max_dense_size)
@@ -208,7 +211,7 @@ class ArrayProgramming:
         when the shape is the same (the arrays are reprogrammed in place: no fresh m x N buffer per load),
         with the column sums of |a| and a^2.  One pass, over column ranges on a few threads.
         ``mismatch`` None: only the column sums (a stays the codes).  Returns (a or None, abs sums, square sums,
-        row sums of codes^2 (m,), exact: the diagonal of the codes' Gram matrix)."""
+        row sums of codes^2 (m,), exact: the diagonal of the codes' Gram matrix, smallest code, largest code)."""
         unit = self._element_unit()
         n = codes.shape[1]
         abs_sums, square_sums = np.empty(n), np.empty(n)
@@ -219,8 +222,10 @@ class ArrayProgramming:
             if out is None or out.shape != codes.shape:
                 out = self._ggn_arrays[name] = np.empty(codes.shape)
             factors = mismatch
-        rows = _kernels.in_column_ranges(_kernels._program_array, codes, unit, factors, out, abs_sums, square_sums)
-        return (out if mismatch is not None else None), abs_sums, square_sums, sum(rows)
+        ranges = _kernels.in_column_ranges(_kernels._program_array, codes, unit, factors, out, abs_sums, square_sums)
+        rows = sum(r[0] for r in ranges)
+        low, high = min(r[1] for r in ranges), max(r[2] for r in ranges)
+        return (out if mismatch is not None else None), abs_sums, square_sums, rows, low, high
 
     def _check_ggn_codes(self, codes: np.ndarray, what: str) -> None:
         """``check_codes`` for a large array, in one read over column ranges (same rules, same messages)."""
@@ -228,10 +233,18 @@ class ArrayProgramming:
         if (codes.dtype.kind not in "iu") if bits > 0 else (codes.dtype.kind != "f"):
             why = check_codes(codes[:0], bits, g_max, what)  # the dtype message
             raise _Refused(Status.BAD_ARGUMENT, why)
-        ranges = _kernels.in_column_ranges(_kernels._code_range, codes)
-        if sum(bad for _, _, bad in ranges):
-            raise _Refused(Status.BAD_ARGUMENT, f"{what} values must be finite")
-        worst = max(max(high for _, high, _ in ranges), -min(low for low, _, _ in ranges))
+        self._checked_ggn = None
+        if bits > 0:
+            # integer codes are finite: their range comes with the column sums, in the one read that
+            # _program_ggn then takes (as long as these very codes are programmed, without mismatch)
+            sums = self._ggn_array("j", codes, None)
+            self._checked_ggn = (codes, sums)
+            worst = max(sums[5], -sums[4])
+        else:
+            ranges = _kernels.in_column_ranges(_kernels._code_range, codes)
+            if sum(bad for _, _, bad in ranges):
+                raise _Refused(Status.BAD_ARGUMENT, f"{what} values must be finite")
+            worst = max(max(high for _, high, _ in ranges), -min(low for low, _, _ in ranges))
         if bits > 0 and worst > code_max(bits):
             raise _Refused(
                 Status.BAD_ARGUMENT, f"{what} code {int(worst)} is outside +-{code_max(bits)} of a {bits}-bit part"
@@ -246,10 +259,15 @@ class ArrayProgramming:
             self._ggn_mismatch_cache = ((m, n), ggn_mismatch(self.spec, self._seed, m, n))
         mismatch = self._ggn_mismatch_cache[1]
         # without mismatch J stays its codes (no float copy); with it, J and J^T are realised separately
-        j, abs_sums, square_sums, row_squares = self._ggn_array("j", j_codes, mismatch.j if mismatch else None)
+        checked, self._checked_ggn = self._checked_ggn, None
+        if not mismatch and checked is not None and checked[0] is j_codes:
+            j, abs_sums, square_sums, row_squares = checked[1][:4]  # summed when the codes were checked
+        else:
+            sums = self._ggn_array("j", j_codes, mismatch.j if mismatch else None)
+            j, abs_sums, square_sums, row_squares = sums[:4]
         realised = None
         if mismatch:
-            jt, abs_sums, _, _ = self._ggn_array("jt", j_codes, mismatch.jt)
+            jt, abs_sums, _, _, _, _ = self._ggn_array("jt", j_codes, mismatch.jt)
             realised = (j, jt)
         h = element_conductances(h_codes, self.spec, mismatch.h if mismatch else None)
         d = float(element_conductances(damping_code, self.spec, None)[0])
