@@ -4,7 +4,10 @@ The counts are the firmware's own arrays in 8-byte values (schema.yaml ``memory.
 little above what it keeps, so a refusal comes before the allocation rather than after:
 
     dense load of size n:            6 n^2
-    GGN load of m rows on N cells:   4 m N + 3 m^2
+    GGN load of m rows on N cells:   (c / 8 + 1) m N + 3 m^2 without element mismatch, (c / 8 + 2) m N + 3 m^2
+                                     with it (J's codes of c bytes each are kept as sent; J as float64
+                                     conductances, and J^T's separately with mismatch, for the transient
+                                     engine; the exact engine reads the codes)
     a RUN's recording:               k n (record_samples = k) + n^2 (record_cov)
                                      + q n^2 + (largest lag + 1) n (q record_lags)
 
@@ -28,9 +31,10 @@ def dense_bytes(n: int) -> int:
     return _VALUE * 6 * n * n
 
 
-def ggn_bytes(m: int, n: int) -> int:
-    """Bytes a GGN load of m rows on n cells counts against the budget."""
-    return _VALUE * (4 * m * n + 3 * m * m)
+def ggn_bytes(m: int, n: int, code_bytes: int, mismatched: bool) -> int:
+    """Bytes a GGN load of m rows on n cells counts against the budget: J's codes (``code_bytes`` each), its
+    float64 conductances (twice with element mismatch: J^T's parts are separate) and the m x m arrays."""
+    return m * n * (code_bytes + _VALUE * (2 if mismatched else 1)) + _VALUE * 3 * m * m
 
 
 def recording_bytes(record) -> int:

@@ -214,7 +214,10 @@ class Firmware(Loads, ArrayProgramming, Engines, Readout):
             )
         record = _Record.from_payload(payload, matrix.n, engine)  # zeroed buffers: no page is touched yet
         if record.on or record.lagged_on:
-            loaded = ggn_bytes(matrix.m, matrix.n) if isinstance(matrix, ProgrammedGGN) else dense_bytes(matrix.n)
+            if isinstance(matrix, ProgrammedGGN):
+                loaded = ggn_bytes(matrix.m, matrix.n, matrix.j_codes.itemsize, matrix.mismatched)
+            else:
+                loaded = dense_bytes(matrix.n)
             check_budget(
                 self.spec,
                 loaded + recording_bytes(record),

@@ -79,7 +79,8 @@ class Loads:
                 " (coupling.max_ggn_rows); use a smaller batch, or a spec with wider arrays",
             )
         what = f"a GGN load of m = {m} rows on N = {n} cells"
-        check_budget(self.spec, ggn_bytes(m, n), what, "use a smaller batch (fewer rows)")
+        mismatched = self.spec.coupling.mismatch > 0.0
+        check_budget(self.spec, ggn_bytes(m, n, j_codes.itemsize, mismatched), what, "use a smaller batch (fewer rows)")
         bits, g_max = self.spec.coupling.element_bits, self.spec.coupling.g_max
         self._check_ggn_codes(j_codes, "J element")
         for codes, what in ((h_codes, "H element"), (damping_code, "damping element")):
