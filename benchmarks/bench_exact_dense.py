@@ -1,6 +1,6 @@
 """The dense exact engine against a Cholesky solve: load + run + read at N = 1024 and 4096 (issue 14, item 1).
 
-    python benchmarks/bench_exact_dense.py                  # N = 1024, 4096; about two minutes
+    python benchmarks/bench_exact_dense.py                  # N = 1024, 4096; about three minutes
     python benchmarks/bench_exact_dense.py --sizes 1024     # quicker
 
 For each N: a random SPD system (condition number 10, b ~ N(0, I)) on tngd-sim, timed as a user calls it:
@@ -9,16 +9,16 @@ For each N: a random SPD system (condition number 10, b ~ N(0, I)) on tngd-sim, 
 estimate, not the engine's, is left out of the timing), beside ``scipy.linalg.cho_factor + cho_solve`` of
 the same system, interleaved round by round, medians.  Two forms of the exact engine:
 
-* krylov: ``spu_emulator.krylov`` (a Cholesky factor, Lanczos for the run's functions of M, the stationary
-  variance from the inverse factor for the engine's rail and ADC checks), the default from 512 cells;
+* krylov: ``spu_emulator.krylov`` (a Cholesky factor, Lanczos for the run's functions of M, a bound of
+  lambda_min from block Lanczos on M^-1 for the engine's rail and ADC checks), the default from 512 cells;
 * modal: the full eigendecomposition the engine used before (forced by raising ``krylov.MIN_CELLS``).
 
 Columns: the medians (Cholesky; the Krylov form's whole call sequence and the part of it spent inside
 the emulated device, ``Firmware.handle``, the rest being the driver's argument checks, quantisation and
 settling estimate; the modal form), the ratios to Cholesky (issue 14's target: krylov / Cholesky <= 3), and
 each form's relative error against numpy.linalg.solve (the device's own: 16-bit codes and noise, one pass
-at the auto scale, without ``linalg.solve``'s second, better-ranged run).  One BLAS
-thread; the ratios are what to quote, absolute times move with the machine's load.
+at the auto scale, without ``linalg.solve``'s second, better-ranged run).  One BLAS thread; the ratios
+are what to quote, absolute times move with the machine's load.
 """
 
 from __future__ import annotations
