@@ -41,9 +41,9 @@ class Loads:
         why = check_codes(codes, self.spec.coupling.element_bits, self.spec.coupling.g_max, "element")
         if why:
             raise _Refused(Status.BAD_ARGUMENT, why)
+        self._forget_models()
         self._matrix = self._program(codes.copy())
         self._oscillator = self._program_oscillator()
-        self._linear = None
         self._flags |= _MATRIX_LOADED
         if self._vector_codes is not None and self._vector_codes.shape[0] == n:
             self._force = self._drive(self._vector_codes)
@@ -87,6 +87,7 @@ class Loads:
             why = check_codes(codes, bits, g_max, what)
             if why:
                 raise _Refused(Status.BAD_ARGUMENT, why)
+        self._forget_models()
         self._matrix = self._program_ggn(j_codes, h_codes, damping_code)
         self._flags |= _MATRIX_LOADED
         if self._vector_codes is not None and self._vector_codes.shape[0] == n:
@@ -106,3 +107,11 @@ class Loads:
         self._flags |= _VECTOR_LOADED
         self._force = self._drive(codes) if self._matrix is not None and self._matrix.n == n else None
         return {"n": n, "hardware_time": self._hardware_time(load_vector_time, n)}
+
+    def _forget_models(self) -> None:
+        """Drop the exact engine's model of the array being replaced, and what was memoised from it, before
+        the new array is programmed: a large load then does not hold two models at its peak (each is made
+        again, the same, when next needed).  Called once a load's checks have passed."""
+        self._linear, self._linear_why, self._linear_for = None, "", None
+        self._limits_for, self._limits, self._lowest_limits = None, {}, {}
+        self._equilibrium_memo = self._target_peak = None

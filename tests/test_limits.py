@@ -226,6 +226,29 @@ def test_reset_frees_the_caches_of_the_last_loads():
         assert firmware._mismatch_cache is None
 
 
+def test_a_load_drops_the_model_of_the_array_it_replaces():
+    """A load that passes its checks drops the exact engine's model of the old array before programming the
+    new one (so a large load never holds two); a refused load keeps it; the next run makes the new one."""
+    a = np.diag([2.0, 1.5, 1.0])
+    b = np.array([0.1, 0.2, -0.1])
+    with driver.open("ideal", seed=0) as dev:
+        firmware = dev.transport.firmware
+        dev.load_matrix(a)
+        dev.load_vector(b)
+        dev.run(t=50.0, burn_in=25.0)
+        model = firmware._linear
+        assert model is not None
+        with pytest.raises(InvalidInputError):
+            dev.load_matrix(np.full((2, 3), 1.0))
+        assert firmware._linear is model
+        dev.load_matrix(a)
+        assert firmware._linear is None and firmware._linear_for is None and firmware._limits == {}
+        dev.load_vector(b)
+        dev.run(t=50.0, burn_in=25.0)
+        assert firmware._linear is not None and firmware._linear is not model
+        np.testing.assert_allclose(dev.read_mean(), np.linalg.solve(a, b), rtol=1e-9)
+
+
 def test_the_server_allocates_a_payload_as_its_bytes_arrive():
     """A header that declares 200 MiB and sends 1 kB leaves the device process about 1 MiB larger, not 200."""
     import socket
