@@ -266,7 +266,8 @@ def main(argv=None):
     parser.add_argument(
         "--budget-bytes",
         type=float,
-        help="tngd-sim's memory.budget_bytes (8 GiB counts a GGN load as 32 m N bytes: N = 1e6, m = 640 needs 2.1e10)",
+        help="tngd-sim's memory.budget_bytes instead of its 8 GiB (a GGN load counts its codes and float64 J:"
+        " 10 m N bytes for int16 codes, 6.4e9 at N = 1e6, m = 640)",
     )
     parser.add_argument("--memory-child", choices=("woodbury", "tngd"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
