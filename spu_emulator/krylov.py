@@ -381,9 +381,14 @@ def _lanczos(drift: np.ndarray, starts: np.ndarray, functions, floor: float, rat
         q = basis[rows, j]
         w = _products(drift, q)
         alpha[rows, j] = np.einsum("pn,pn->p", w, q)
+        # the three-term recurrence first (most of w's length along the basis), then classical Gram-Schmidt
+        # against the whole basis, repeated when it still cancelled much ("twice is enough")
+        w -= alpha[rows, j, None] * q
+        if j:
+            w -= beta[rows, j - 1, None] * basis[rows, j - 1]
         span = basis[rows, : j + 1]  # (a, j+1, n)
         before = np.linalg.norm(w, axis=1)
-        for _ in range(2):  # classical Gram-Schmidt, repeated when it cancelled much ("twice is enough")
+        for _ in range(2):
             w -= np.matmul(span.transpose(0, 2, 1), np.matmul(span, w[:, :, None]))[:, :, 0]
             after = np.linalg.norm(w, axis=1)
             if np.all(after > 0.7 * before):
