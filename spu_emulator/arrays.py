@@ -295,7 +295,8 @@ class ArrayProgramming:
         c = self.parts.capacitance[:n]
         gin = self.parts.input_conductance[:n]
         gtot = np.abs(a).sum(axis=1) + gin
-        drift = np.ascontiguousarray(a / c[:, None])
+        # equal unit capacitances (no capacitance mismatch): M = a exactly (x / 1 = x), so no n x n copy
+        drift = a if np.all(c == 1.0) else np.ascontiguousarray(a / c[:, None])
         kappa = self._kappa(gtot)
         # a large symmetric array: Lanczos for its norm (half the products of the power method), and the
         # exact engine's Krylov form is told it is symmetric
