@@ -299,8 +299,11 @@ class ArrayProgramming:
         drift = a if np.all(c == 1.0) else np.ascontiguousarray(a / c[:, None])
         kappa = self._kappa(gtot)
         # a large symmetric array: Lanczos for its norm (half the products of the power method), and the
-        # exact engine's Krylov form is told it is symmetric
-        symmetric = krylov.is_symmetric(drift) if n >= krylov.MIN_CELLS else None
+        # exact engine's Krylov form is told it is symmetric.  Without element mismatch and with equal
+        # capacitances M_ij is one function of code_ij, so M is symmetric exactly when the codes are (a
+        # quarter of the bytes to compare for 16-bit codes)
+        uniform = self._mismatch_cache[1] is None and np.all(c == c[0])
+        symmetric = krylov.is_symmetric(codes if uniform else drift) if n >= krylov.MIN_CELLS else None
         return ProgrammedMatrix(
             codes=codes,
             conductance=a,

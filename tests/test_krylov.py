@@ -178,3 +178,20 @@ def test_is_symmetric_finds_any_asymmetric_pair():
         broken = m.copy()
         broken[i, j] += 1e-15 * abs(broken[i, j]) + 1e-300
         assert not krylov.is_symmetric(broken)
+
+
+def test_the_load_knows_whether_its_drift_is_symmetric():
+    """From 512 cells a load records whether M is exactly symmetric (from the codes when no mismatch can
+    break it): symmetric codes on an ideal array yes, non-symmetric codes no, symmetric codes with element
+    mismatch no (M's elements are then different parts)."""
+    a = _spd(600, 10.0, 5)
+    with driver.open("ideal", seed=0) as dev:
+        dev.load_matrix(a)
+        assert dev.transport.firmware.matrix.symmetric is True
+        skew = a.copy()
+        skew[0, 1] += 0.1
+        dev.load_matrix(skew, symmetric=False)
+        assert dev.transport.firmware.matrix.symmetric is False
+    with driver.open("tngd-sim", seed=0, overrides={"coupling.mismatch": 0.01}) as dev:
+        dev.load_matrix(a)
+        assert dev.transport.firmware.matrix.symmetric is False
