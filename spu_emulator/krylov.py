@@ -156,8 +156,11 @@ class KrylovModel:
         """
         s2 = self.noise_level**2
         n = d0.shape[0]
-        # after a long head hop d0 leaves at most e^-40 / K of itself in the run: its column is left out
-        if head * self.contraction_rate > math.log(max(count, 1)) + 40.0:
+        # after a long head hop d0 leaves at most e^-40 / K of itself in the run: its column is left out.
+        # Only with the floor of lambda_min already made (the engine choice's checks make it with rails or
+        # a quantised ADC): making it for this alone costs more than the column it may save
+        rate_floor = self._memo.get(("rate_floor",), 0.0)
+        if head * rate_floor > math.log(max(count, 1)) + 40.0:
             d0 = np.zeros_like(d0)
         starts = [d0]
         if s2 > 0.0:
